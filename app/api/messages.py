@@ -1,0 +1,161 @@
+"""REST handlers for messages: publish, consume, ack, nack, read, history, browse."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.api import render
+from app.api.common import (
+    JSONResponse,
+    check_size,
+    flag,
+    integer,
+    number,
+    optional_number,
+    path_int,
+    query_number,
+    read_object,
+    requires,
+    state,
+    text,
+)
+from app.api.queues import MAX_VISIBILITY_TIMEOUT, queue_name
+from app.broker import MAX_CONSUME, MAX_WAIT_SECONDS
+from app.errors import MessageNotFound, ValidationFailed
+from app.models import MessageStatus, NewMessage, Principal, Role
+
+MAX_BATCH = 1000
+MAX_BROWSE = 500
+
+
+def parse_message(data: Any, max_bytes: int, where: str = "") -> NewMessage:
+    if not isinstance(data, dict):
+        raise ValidationFailed([{"field": where or "body", "message": "must be a JSON object"}])
+    if "content" not in data:
+        raise ValidationFailed([{"field": f"{where}content", "message": "is required"}])
+    content = orjson.dumps(data["content"])
+    check_size(content, max_bytes, "message content")
+    headers = data.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ValidationFailed([{"field": f"{where}headers", "message": "must be an object of strings"}])
+    delay = number(data, "delay_seconds", 0.0)
+    if delay:
+        raise ValidationFailed([{"field": f"{where}delay_seconds", "message": "delayed publish is not available yet"}])
+    return NewMessage(content=content.decode(), headers=headers)
+
+
+@requires(Role.PRODUCER)
+async def publish(request: Request, principal: Principal) -> Response:
+    name = queue_name(request.path_params["queue"])
+    app = state(request)
+    item = parse_message(await read_object(request), app["settings"].max_message_bytes)
+    [result] = await app["broker"].publish(name, [item], principal.username)
+    return JSONResponse(
+        {"message": "Message published successfully", "message_id": result.message_id, "status": result.status},
+        status_code=201,
+    )
+
+
+@requires(Role.PRODUCER)
+async def publish_batch(request: Request, principal: Principal) -> Response:
+    name = queue_name(request.path_params["queue"])
+    app = state(request)
+    messages = (await read_object(request)).get("messages")
+    if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_BATCH:
+        raise ValidationFailed([{"field": "messages", "message": f"must be a list of 1 to {MAX_BATCH} messages"}])
+    limit = app["settings"].max_message_bytes
+    items = [parse_message(m, limit, f"messages[{i}].") for i, m in enumerate(messages)]
+    results = await app["broker"].publish(name, items, principal.username)
+    return JSONResponse({"message_ids": [r.message_id for r in results]}, status_code=201)
+
+
+@requires(Role.CONSUMER)
+async def consume_one(request: Request, principal: Principal) -> Response:
+    """GET: the seed's call: one delivery, or null when nothing is ready within `wait`."""
+    name = queue_name(request.path_params["queue"])
+    wait = query_number(request, "wait", 0.0, maximum=MAX_WAIT_SECONDS)
+    timeout = optional_number(request, {}, "visibility_timeout", maximum=MAX_VISIBILITY_TIMEOUT)
+    deliveries = await state(request)["broker"].consume(
+        name, max_messages=1, wait=wait, visibility_timeout=timeout or None, actor=principal.username
+    )
+    return JSONResponse(render.delivery(deliveries[0]) if deliveries else None)
+
+
+@requires(Role.CONSUMER)
+async def consume_many(request: Request, principal: Principal) -> Response:
+    name = queue_name(request.path_params["queue"])
+    data = await read_object(request, required=False)
+    count = integer(data, "max", 1, minimum=1, maximum=MAX_CONSUME)
+    wait = number(data, "wait", 0.0, maximum=MAX_WAIT_SECONDS)
+    timeout = optional_number(request, data, "visibility_timeout", maximum=MAX_VISIBILITY_TIMEOUT)
+    deliveries = await state(request)["broker"].consume(
+        name, max_messages=count or 1, wait=wait or 0.0, visibility_timeout=timeout or None,
+        actor=principal.username,
+    )
+    return JSONResponse({"messages": [render.delivery(d) for d in deliveries]})
+
+
+@requires(Role.CONSUMER)
+async def ack(request: Request, principal: Principal) -> Response:
+    message_id = path_int(request, "message_id")
+    data = await read_object(request, required=False)
+    lease_id = text(data, "lease_id") or request.query_params.get("lease_id")
+    message = await state(request)["broker"].ack(message_id, lease_id, principal.username)
+    return JSONResponse(
+        {"detail": f"Message {message_id} acknowledged successfully.", "status": message.status.value}
+    )
+
+
+@requires(Role.CONSUMER)
+async def nack(request: Request, principal: Principal) -> Response:
+    message_id = path_int(request, "message_id")
+    data = await read_object(request, required=False)
+    lease_id = text(data, "lease_id") or request.query_params.get("lease_id")
+    requeue = flag(request, data, "requeue", False)
+    reason = text(data, "reason", max_length=4096)
+    if number(data, "delay_seconds", 0.0):
+        raise ValidationFailed([{"field": "delay_seconds", "message": "delayed requeue is not available yet"}])
+    message = await state(request)["broker"].nack(
+        message_id, lease_id, requeue=requeue, reason=reason, actor=principal.username
+    )
+    outcome = "requeued" if message.status is MessageStatus.PENDING else "marked failed"
+    return JSONResponse({"detail": f"Message {message_id} {outcome}.", "status": message.status.value})
+
+
+@requires()
+async def get_message(request: Request, principal: Principal) -> Response:
+    message_id = path_int(request, "message_id")
+    message = await state(request)["broker"].message(message_id)
+    if message is None:
+        raise MessageNotFound(message_id)
+    return JSONResponse(render.message(message))
+
+
+@requires()
+async def history(request: Request, principal: Principal) -> Response:
+    message_id = path_int(request, "message_id")
+    events = await state(request)["broker"].history(message_id)
+    if not events:
+        raise MessageNotFound(message_id)
+    return JSONResponse({"events": [render.event(e) for e in events]})
+
+
+@requires()
+async def browse(request: Request, principal: Principal) -> Response:
+    name = queue_name(request.path_params["queue"])
+    params = dict(request.query_params)
+    raw_status = params.get("status")
+    try:
+        status = MessageStatus(raw_status) if raw_status else None
+    except ValueError:
+        choices = ", ".join(s.value for s in MessageStatus)
+        raise ValidationFailed([{"field": "status", "message": f"must be one of {choices}"}]) from None
+    limit = integer(params, "limit", 50, minimum=1, maximum=MAX_BROWSE) or 50
+    after_id = integer(params, "after_id", 0, minimum=0) or 0
+    messages = await state(request)["broker"].browse(name, status, after_id, limit)
+    next_after = messages[-1].id if len(messages) == limit else None
+    return JSONResponse({"messages": [render.message(m) for m in messages], "next_after_id": next_after})

@@ -1,0 +1,164 @@
+"""create_app(settings): the route table, middleware, error handling and the one lifespan."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import swagger_ui_bundle
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api import auth, messages, ops, queues, users
+from app.api.common import AppState, JSONResponse
+from app.auth import TokenService, load_or_create_secret
+from app.broker import Broker
+from app.errors import BrokerError, RedisUnavailable, TooLarge
+from app.settings import Settings
+from app.stores.embedded_redis import EmbeddedRedis
+from app.stores.redis_queue import RedisQueueStore
+from app.stores.sqlite_journal import SqliteJournalStore
+from app.tasks import BackgroundTasks
+from app.users import ensure_admin
+
+log = logging.getLogger(__name__)
+
+
+def routes() -> list[Route | Mount]:
+    return [
+        Route("/", ops.root, methods=["GET"]),
+        Route("/health/live", ops.live, methods=["GET"]),
+        Route("/health/ready", ops.ready, methods=["GET"]),
+        Route("/openapi.json", ops.openapi, methods=["GET"]),
+        Route("/docs", ops.docs, methods=["GET"]),
+        Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static"),
+        Route("/login", auth.login, methods=["POST"]),
+        Route("/refresh", auth.refresh, methods=["POST"]),
+        Route("/users", users.list_users, methods=["GET"]),
+        Route("/users", users.create_user, methods=["POST"]),
+        Route("/users/{username}", users.delete_user, methods=["DELETE"]),
+        Route("/queues", queues.list_queues, methods=["GET"]),
+        Route("/queues", queues.create_queue, methods=["POST"]),
+        Route("/queues/{queue}", queues.get_queue, methods=["GET"]),
+        Route("/queues/{queue}", queues.update_queue, methods=["PATCH"]),
+        Route("/queues/{queue}", queues.delete_queue, methods=["DELETE"]),
+        Route("/queues/{queue}/purge", queues.purge_queue, methods=["POST"]),
+        Route("/queues/{queue}/messages", messages.browse, methods=["GET"]),
+        Route("/queues/{queue}/messages", messages.publish, methods=["POST"]),
+        Route("/queues/{queue}/messages/batch", messages.publish_batch, methods=["POST"]),
+        Route("/queues/{queue}/messages/consume", messages.consume_one, methods=["GET"]),
+        Route("/queues/{queue}/messages/consume", messages.consume_many, methods=["POST"]),
+        Route("/messages/{message_id}", messages.get_message, methods=["GET"]),
+        Route("/messages/{message_id}/history", messages.history, methods=["GET"]),
+        Route("/messages/{message_id}/ack", messages.ack, methods=["POST"]),
+        Route("/messages/{message_id}/nack", messages.nack, methods=["POST"]),
+    ]
+
+
+def create_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[AppState]:
+        async with AsyncExitStack() as stack:
+            yield await open_broker(settings, stack)
+
+    middleware = [Middleware(BodyLimit, max_bytes=settings.max_body_bytes)]
+    if settings.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                                     allow_methods=["*"], allow_headers=["*"]))
+    return Starlette(
+        routes=routes(),
+        middleware=middleware,
+        exception_handlers={BrokerError: broker_error, HTTPException: http_error, Exception: unexpected_error},
+        lifespan=lifespan,
+    )
+
+
+async def open_broker(settings: Settings, stack: AsyncExitStack) -> AppState:
+    """Open everything the broker needs, in order; the stack closes it in reverse."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    redis_url = settings.redis_url
+    if not redis_url:
+        redis_url = (await stack.enter_async_context(EmbeddedRedis(settings.data_dir))).url
+    journal = await stack.enter_async_context(
+        SqliteJournalStore(settings.journal_path, sync=settings.journal_sync, batch_max=settings.journal_batch_max)
+    )
+    redis = await stack.enter_async_context(RedisQueueStore(redis_url))
+    broker = Broker(settings, journal, redis)
+    generated = await ensure_admin(journal, settings.admin_username, settings.admin_password)
+    if generated:
+        print(f"Created user '{settings.admin_username}' with password: {generated}  (shown once; "
+              "set BROKER_ADMIN_PASSWORD to choose it)", file=sys.stderr, flush=True)
+    try:
+        await broker.recovery.reconcile()
+    except RedisUnavailable as exc:
+        log.error("Redis is unavailable at start (%s); will rebuild it from the journal when it answers", exc)
+    await stack.enter_async_context(BackgroundTasks(broker))
+    tokens = TokenService(
+        load_or_create_secret(settings.jwt_secret, settings.data_dir),
+        access_seconds=settings.access_token_seconds,
+        refresh_seconds=settings.refresh_token_seconds,
+    )
+    limiter = MovingWindowRateLimiter(MemoryStorage())
+    return AppState(settings=settings, broker=broker, tokens=tokens, login_limiter=limiter)
+
+
+# -- errors: always {"detail", "code"}, never a traceback ----------------------------------------------------------
+
+
+async def broker_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BrokerError)
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    detail = {404: "No such route", 405: "Method not allowed on this route"}.get(exc.status_code, str(exc.detail))
+    return JSONResponse({"detail": detail, "code": codes.get(exc.status_code, "http_error")},
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "Internal error; it was logged", "code": "internal_error"}, status_code=500)
+
+
+class BodyLimit:
+    """Refuse request bodies over the limit (413), by Content-Length or while they stream in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                error = TooLarge(f"The request body is over the limit of {self.max_bytes} bytes",
+                                 code="body_too_large")
+                await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise TooLarge(f"The request body is over the limit of {self.max_bytes} bytes", code="body_too_large")
+            return message
+
+        await self.app(scope, limited, send)

@@ -1,0 +1,229 @@
+"""The broker service: the one place that orders journal and Redis writes (DESIGN.md, "Order of writes").
+
+HTTP routes, GraphQL, SSE and the CLI all call this class; none of them talks to Redis or SQLite directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from app.errors import JournalUnavailable, RedisUnavailable, ValidationFailed
+from app.gate import Gate
+from app.models import (
+    Delivery,
+    Event,
+    Message,
+    MessageStatus,
+    NewMessage,
+    PublishResult,
+    Queue,
+    QueueSettings,
+    QueueStats,
+)
+from app.recovery import Reconciler
+from app.settings import Settings
+from app.stores.redis_queue import RedisQueueStore
+from app.stores.sqlite_journal import SqliteJournalStore
+
+log = logging.getLogger(__name__)
+MAX_WAIT_SECONDS = 20.0
+MAX_CONSUME = 100
+
+
+class Broker:
+    def __init__(self, settings: Settings, journal: SqliteJournalStore, redis: RedisQueueStore) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.redis = redis
+        self.gate = Gate()
+        self.recovery = Reconciler(journal, redis, self.gate)
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- queues ------------------------------------------------------------------------------------------------
+
+    def queue(self, name: str) -> Queue:
+        return self.journal.queue(name)
+
+    async def queue_stats(self, name: str) -> QueueStats:
+        return await self._stats(self.journal.queue(name))
+
+    async def list_queue_stats(self) -> list[QueueStats]:
+        return [await self._stats(q) for q in self.journal.queues()]
+
+    async def _stats(self, queue: Queue) -> QueueStats:
+        counts = self.journal.counts(queue)
+        oldest = await self.journal.oldest_pending_at(queue) if counts[MessageStatus.PENDING.value] else None
+        return QueueStats(queue, counts, oldest)
+
+    async def create_queue(self, name: str, settings: QueueSettings, actor: str) -> QueueStats:
+        self._check_dead_letter_queue(name, settings)
+        queue = await self.journal.create_queue(name, settings, actor)
+        return await self._stats(queue)
+
+    async def update_queue(self, name: str, changes: dict[str, Any], actor: str) -> QueueStats:
+        queue = self.journal.queue(name)
+        settings = QueueSettings(**{**queue.settings.as_dict(), **changes})
+        self._check_dead_letter_queue(name, settings)
+        return await self._stats(await self.journal.update_queue(queue, settings, actor))
+
+    def _check_dead_letter_queue(self, name: str, settings: QueueSettings) -> None:
+        dlq = settings.dead_letter_queue
+        if dlq is None:
+            return
+        if dlq == name:
+            raise ValidationFailed([{"field": "dead_letter_queue", "message": "a queue cannot be its own DLQ"}])
+        if all(q.name != dlq for q in self.journal.queues()):
+            raise ValidationFailed([{"field": "dead_letter_queue", "message": f"queue '{dlq}' does not exist"}])
+
+    async def delete_queue(self, name: str, actor: str) -> int:
+        queue = self.journal.queue(name)
+        async with self.gate.exclusive():
+            deleted = await self.journal.delete_queue(queue, actor)
+            await self._redis_after_commit(self.redis.drop_queue(name))
+        return deleted
+
+    async def purge_queue(self, name: str, actor: str) -> int:
+        queue = self.journal.queue(name)
+        async with self.gate.exclusive():
+            purged = await self.journal.purge_queue(queue, actor)
+            await self._redis_after_commit(self.redis.purge(name))
+        return purged
+
+    # -- messages ----------------------------------------------------------------------------------------------
+
+    async def publish(self, name: str, items: list[NewMessage], actor: str) -> list[PublishResult]:
+        """Journal first (answered only once durable), then hand the ids to Redis."""
+        queue = self.journal.queue(name)
+        if not self.recovery.redis_up:
+            raise RedisUnavailable("Redis is unavailable; nothing was published, retry later")
+        messages = await self.journal.publish(queue, items, actor)
+        ready = [m.id for m in messages if m.status is MessageStatus.PENDING]
+        async with self.gate.shared():
+            await self._redis_after_commit(self.redis.enqueue(queue.name, ready))
+        return [PublishResult(m.id, m.status) for m in messages]
+
+    async def consume(
+        self, name: str, *, max_messages: int = 1, wait: float = 0.0, visibility_timeout: float | None = None,
+        actor: str,
+    ) -> list[Delivery]:
+        """Hand up to `max_messages` ready messages to one caller, each under a fresh lease."""
+        queue = self.journal.queue(name)
+        lease_seconds = visibility_timeout if visibility_timeout is not None else queue.settings.visibility_timeout
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + min(wait, MAX_WAIT_SECONDS)
+        while True:
+            self.recovery.require_redis()
+            lease_deadline = time.time() + lease_seconds
+            async with self.gate.shared():
+                ids = await self.redis.take(queue.name, max_messages, lease_deadline)
+            remaining = give_up_at - loop.time()
+            if not ids and remaining > 0:
+                lease_deadline, taken = await self._wait_take(queue, remaining, lease_seconds)
+                ids = [taken] if taken is not None else []
+            if not ids:
+                return []
+            deliveries = await self._record_deliveries(queue, ids, lease_deadline, actor)
+            if deliveries or give_up_at - loop.time() <= 0:
+                return deliveries
+
+    async def _wait_take(self, queue: Queue, wait_seconds: float, lease_seconds: float) -> tuple[float, int | None]:
+        # BLMOVE is shielded: if the caller goes away after Redis moved an id, the id is put back rather than
+        # left in processing with no lease.
+        task = asyncio.ensure_future(self.redis.wait_take(queue.name, wait_seconds, lease_seconds))
+        try:
+            taken = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: self._requeue_abandoned(queue.name, t))
+            raise
+        if taken is None:
+            return 0.0, None
+        message_id, deadline = taken
+        return deadline, message_id
+
+    def _requeue_abandoned(self, queue: str, task: asyncio.Task[tuple[int, float] | None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        taken = task.result()
+        if taken is not None:
+            self._spawn(self._redis_after_commit(self.redis.requeue(queue, [taken[0]])))
+
+    async def _record_deliveries(
+        self, queue: Queue, ids: list[int], lease_deadline: float, actor: str
+    ) -> list[Delivery]:
+        async with self.gate.shared():
+            try:
+                messages, refused = await self.journal.record_deliveries(queue, ids, lease_deadline, actor)
+            except JournalUnavailable:
+                await self._redis_after_commit(self.redis.requeue(queue.name, ids))
+                raise
+            if refused:
+                # Stale copies: drop them, and restore the lease of a legitimate holder of the same id.
+                await self._redis_after_commit(self.redis.release(queue.name, [i for i, _ in refused]))
+                held = {i: d for i, d in refused if d is not None}
+                if held:
+                    await self._redis_after_commit(self.redis.restore_leases(queue.name, held))
+        now = time.time()
+        return [Delivery(m, m.lease_id or "", m.lease_expires_at or lease_deadline, now) for m in messages]
+
+    async def ack(self, message_id: int, lease_id: str | None, actor: str) -> Message:
+        """Journal `processed` first; then forget the delivery in Redis."""
+        message = await self.journal.ack(message_id, lease_id, actor)
+        async with self.gate.shared():
+            await self._redis_after_commit(self.redis.release(message.queue, [message_id]))
+        return message
+
+    async def nack(
+        self, message_id: int, lease_id: str | None, *, requeue: bool, reason: str | None, actor: str
+    ) -> Message:
+        """Journal the outcome first (the journal checks the lease), then move the id in Redis to match."""
+        message = await self.journal.nack(message_id, lease_id, requeue, reason, actor)
+        async with self.gate.shared():
+            if message.status is MessageStatus.PENDING:
+                await self._redis_after_commit(self.redis.requeue(message.queue, [message_id]))
+            else:
+                await self._redis_after_commit(self.redis.release(message.queue, [message_id]))
+        return message
+
+    async def message(self, message_id: int) -> Message | None:
+        return await self.journal.get_message(message_id)
+
+    async def history(self, message_id: int) -> list[Event]:
+        return await self.journal.history(message_id)
+
+    async def browse(self, name: str, status: MessageStatus | None, after_id: int, limit: int) -> list[Message]:
+        """Read a queue's messages by id; changes nothing."""
+        return await self.journal.browse(self.journal.queue(name), status, after_id, limit)
+
+    # -- background work ---------------------------------------------------------------------------------------
+
+    async def reap_expired_leases(self) -> int:
+        """Return deliveries whose lease ran out to ready (Redis first, atomically), then journal it."""
+        moved = 0
+        now = time.time()
+        for queue in self.journal.queues():
+            async with self.gate.shared():
+                ids = await self.redis.reap(queue.name, now)
+                if ids:
+                    await self.journal.expire_leases(ids)
+            moved += len(ids)
+        return moved
+
+    async def _redis_after_commit(self, change: Any) -> None:
+        """Run a Redis change that follows a committed journal change. If Redis fails now, the journal still
+        holds the truth: mark Redis for reconciliation instead of failing a request that already committed."""
+        try:
+            await change
+        except RedisUnavailable as exc:
+            log.warning("Redis change after commit failed; will reconcile: %s", exc.detail)
+            self.recovery.mark_dirty()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def health(self) -> dict[str, bool]:
+        return {"journal": await self.journal.ping(), "redis": await self.redis.ping()}

@@ -1,0 +1,146 @@
+"""Reconciliation of Redis with the journal (DESIGN.md, invariant 7), and detection of a lost Redis.
+
+The journal is the truth. A rebuild refills each queue's Redis structures from it: pending ids to ready,
+processing ids to processing with their journaled lease deadline (the reaper redelivers them once it passes).
+Keys of queues the journal does not know are dropped. Rebuilding is idempotent and runs under the exclusive gate,
+so no publish, delivery or ack interleaves with the swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from app.errors import RedisUnavailable
+from app.gate import Gate
+from app.models import MessageStatus, Queue
+from app.stores.redis_queue import RedisQueueStore
+from app.stores.sqlite_journal import SqliteJournalStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    queues: int
+    ready: int
+    processing: int
+    dropped_queues: int
+    seconds: float
+
+
+class Reconciler:
+    def __init__(self, journal: SqliteJournalStore, redis: RedisQueueStore, gate: Gate) -> None:
+        self.journal = journal
+        self.redis = redis
+        self.gate = gate
+        self.redis_up = False
+        self.reconciles = 0
+        self._epoch: str | None = None
+        self._run_id: str | None = None
+        self._dirty = True
+
+    def mark_dirty(self) -> None:
+        """A Redis change after a journal commit failed: rebuild once Redis answers again."""
+        self._dirty = True
+
+    def require_redis(self) -> None:
+        if not self.redis_up:
+            raise RedisUnavailable("Redis is unavailable; retry later")
+
+    async def reconcile(self) -> ReconcileReport:
+        started = time.perf_counter()
+        ready = processing = 0
+        async with self.gate.exclusive():
+            queues = self.journal.queues()
+            for queue in queues:
+                counts = self.journal.counts(queue)
+                ready += counts[MessageStatus.PENDING.value]
+                processing += counts[MessageStatus.PROCESSING.value]
+                await self.redis.rebuild(queue.name, self._pending(queue), self._leased(queue))
+            known = {q.name for q in queues}
+            leftovers = await self.redis.queue_names() - known
+            for name in leftovers:
+                await self.redis.drop_queue(name)
+            self._epoch = uuid.uuid4().hex
+            await self.redis.set_epoch(self._epoch)
+            self._run_id = await self._redis_run_id()
+            self._dirty = False
+            self.redis_up = True
+            self.reconciles += 1
+        report = ReconcileReport(len(queues), ready, processing, len(leftovers), time.perf_counter() - started)
+        log.info("reconciled Redis with the journal: %s", report)
+        return report
+
+    async def _pending(self, queue: Queue) -> AsyncIterator[list[int]]:
+        async for chunk in self.journal.ids_by_status(queue, MessageStatus.PENDING):
+            yield [message_id for message_id, _, _ in chunk]
+
+    async def _leased(self, queue: Queue) -> AsyncIterator[list[tuple[int, float]]]:
+        now = time.time()
+        async for chunk in self.journal.ids_by_status(queue, MessageStatus.PROCESSING):
+            yield [(message_id, lease or now) for message_id, lease, _ in chunk]
+
+    async def _redis_run_id(self) -> str:
+        info = await self.redis.redis.info("server")
+        return str(info.get("run_id", ""))
+
+    async def watch_once(self) -> bool:
+        """One look at Redis: reconcile if it was lost (no epoch, a restart) or a change after commit failed.
+        Returns whether a reconciliation ran."""
+        if not await self.redis.ping():
+            if self.redis_up:
+                log.error("Redis stopped answering; consume and publish answer 503 until it is back")
+            self.redis_up = False
+            return False
+        try:
+            lost = await self.redis.get_epoch() != self._epoch or await self._redis_run_id() != self._run_id
+            if lost or self._dirty:
+                log.warning("Redis was lost or is behind the journal (lost=%s); rebuilding it", lost)
+                await self.reconcile()
+                return True
+        except (RedisUnavailable, OSError) as exc:
+            log.error("Redis check failed: %s", exc)
+            self.redis_up = False
+            return False
+        self.redis_up = True
+        return False
+
+    async def differences(self) -> list[str]:
+        """What Redis holds that disagrees with the journal (`broker journal check`); empty when healthy."""
+        found: list[str] = []
+        queues = self.journal.queues()
+        for queue in queues:
+            snap = await self.redis.snapshot(queue.name)
+            pending: set[int] = set()
+            async for chunk in self._pending(queue):
+                pending.update(chunk)
+            leased: dict[int, float] = {}
+            async for pairs in self._leased(queue):
+                leased.update(pairs)
+            ready = Counter(snap.ready)
+            in_processing = Counter(snap.processing)
+            for label, ids in (
+                ("pending in the journal but not ready in Redis", pending - ready.keys()),
+                ("ready in Redis but not pending in the journal", ready.keys() - pending),
+                ("ready in Redis more than once", {i for i, n in ready.items() if n > 1}),
+                ("processing in the journal but not in Redis", leased.keys() - in_processing.keys()),
+                ("processing in Redis but not in the journal", in_processing.keys() - leased.keys()),
+                ("processing in Redis more than once", {i for i, n in in_processing.items() if n > 1}),
+                ("processing without a lease in Redis", leased.keys() - snap.leases.keys()),
+            ):
+                if ids:
+                    found.append(f"{queue.name}: {len(ids)} {label}: {_sample(ids)}")
+        for name in sorted(await self.redis.queue_names() - {q.name for q in queues}):
+            found.append(f"{name}: keys in Redis for a queue the journal does not have")
+        return found
+
+
+def _sample(ids: set[int], limit: int = 10) -> str:
+    shown = sorted(ids)[:limit]
+    more = f" (+{len(ids) - limit} more)" if len(ids) > limit else ""
+    return ", ".join(map(str, shown)) + more

@@ -1,0 +1,228 @@
+"""The hand-off index in Redis: per queue a ready list, a processing list, and a leases sorted set of ids.
+
+Redis holds ids only and may be lost at any time; the journal decides. Where a fault could leave an id either
+missing or duplicated, this store errs towards the duplicate: the journal refuses a stale copy at delivery time,
+while a missing id would strand work until the next reconciliation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from app.errors import RedisUnavailable
+from app.stores import keys
+
+REBUILD_CHUNK = 10_000
+_SCRIPTS = ("take", "release", "requeue", "reap", "swap")
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """What Redis holds for one queue, for `broker journal check`."""
+
+    ready: list[int]
+    processing: list[int]
+    leases: dict[int, float]
+    delayed: dict[int, float]
+
+
+@asynccontextmanager
+async def _translated(action: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise RedisUnavailable(f"Redis is unavailable ({action}): {exc.__class__.__name__}") from exc
+
+
+class RedisQueueStore:
+    """Async store over one Redis; open it with `async with`."""
+
+    def __init__(self, url: str, *, command_timeout: float = 5.0) -> None:
+        self.url = url
+        self._timeout = command_timeout
+        self._redis: aioredis.Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+
+    async def __aenter__(self) -> RedisQueueStore:
+        self._redis = aioredis.Redis.from_url(
+            self.url,
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            health_check_interval=30,
+            max_connections=1024,
+        )
+        lua = resources.files("app.stores") / "lua"
+        for name in _SCRIPTS:
+            self._scripts[name] = self._redis.register_script((lua / f"{name}.lua").read_text())
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise RuntimeError("RedisQueueStore used outside its context")
+        return self._redis
+
+    async def _run(self, name: str, keys_: Sequence[str], args: Sequence[Any]) -> Any:
+        async with _translated(name):
+            return await self._scripts[name](keys=list(keys_), args=list(args))
+
+    # -- health and identity -------------------------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.redis.ping(), self._timeout))
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def get_epoch(self) -> str | None:
+        async with _translated("epoch"):
+            value = await self.redis.get(keys.EPOCH_KEY)
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def set_epoch(self, epoch: str) -> None:
+        async with _translated("epoch"):
+            await self.redis.set(keys.EPOCH_KEY, epoch)
+
+    # -- hand-off --------------------------------------------------------------------------------------------
+
+    async def enqueue(self, queue: str, ids: Sequence[int]) -> None:
+        """Append ids to the ready list (the oldest is taken first)."""
+        if ids:
+            async with _translated("enqueue"):
+                await self.redis.lpush(keys.queue_keys(queue).ready, *ids)
+
+    async def enqueue_many(self, batches: Iterable[tuple[str, Sequence[int]]]) -> None:
+        """Several queues' pushes in one round trip."""
+        async with _translated("enqueue"):
+            pipe: Pipeline = self.redis.pipeline(transaction=False)
+            for queue, ids in batches:
+                if ids:
+                    pipe.lpush(keys.queue_keys(queue).ready, *ids)
+            await pipe.execute()
+
+    async def take(self, queue: str, count: int, lease_deadline: float) -> list[int]:
+        """Move up to `count` ids from ready to processing, each with a lease until `lease_deadline`."""
+        k = keys.queue_keys(queue)
+        ids = await self._run("take", (k.ready, k.processing, k.leases), (count, _ms(lease_deadline)))
+        return [int(i) for i in ids]
+
+    async def wait_take(self, queue: str, wait_seconds: float, lease_seconds: float) -> tuple[int, float] | None:
+        """Block up to `wait_seconds` for one id (BLMOVE: the hand-off happens the moment one is pushed).
+        Returns the id and its lease deadline, which starts when the id was taken."""
+        k = keys.queue_keys(queue)
+        async with _translated("wait"):
+            # Redis takes fractional timeouts; the client's type hint says int.
+            blocking = self.redis.blmove(k.ready, k.processing, wait_seconds, "RIGHT", "LEFT")  # type: ignore[arg-type]
+            moved = await asyncio.wait_for(blocking, wait_seconds + self._timeout)
+            if moved is None:
+                return None
+            deadline = time.time() + lease_seconds
+            # A crash right here leaves the id in processing with no lease: reconciliation returns it.
+            await self.redis.zadd(k.leases, {str(int(moved)): _ms(deadline)})
+        return int(moved), deadline
+
+    async def release(self, queue: str, ids: Sequence[int]) -> int:
+        """Forget deliveries: remove one processing entry and the lease of each id."""
+        if not ids:
+            return 0
+        k = keys.queue_keys(queue)
+        return int(await self._run("release", (k.processing, k.leases), ids))
+
+    async def restore_leases(self, queue: str, deadlines: dict[int, float]) -> None:
+        """Set lease deadlines again (after a stale copy of a held id was released)."""
+        if deadlines:
+            async with _translated("lease"):
+                await self.redis.zadd(keys.queue_keys(queue).leases, {str(i): _ms(d) for i, d in deadlines.items()})
+
+    async def requeue(self, queue: str, ids: Sequence[int]) -> None:
+        """Put delivered ids back to be taken next."""
+        if ids:
+            k = keys.queue_keys(queue)
+            await self._run("requeue", (k.processing, k.leases, k.ready), ids)
+
+    async def reap(self, queue: str, now: float, limit: int = 500) -> list[int]:
+        """Move ids whose lease deadline is past back to ready; return them."""
+        k = keys.queue_keys(queue)
+        ids = await self._run("reap", (k.leases, k.processing, k.ready), (_ms(now), limit))
+        return [int(i) for i in ids]
+
+    async def purge(self, queue: str) -> None:
+        k = keys.queue_keys(queue)
+        async with _translated("purge"):
+            await self.redis.delete(k.ready, k.delayed)
+
+    async def drop_queue(self, queue: str) -> None:
+        async with _translated("delete"):
+            await self.redis.delete(*keys.queue_keys(queue).all(), *keys.rebuild_keys(queue).all())
+
+    # -- reconciliation --------------------------------------------------------------------------------------
+
+    async def rebuild(
+        self,
+        queue: str,
+        ready: AsyncIterator[list[int]],
+        processing: AsyncIterator[list[tuple[int, float]]],
+    ) -> None:
+        """Refill a queue's structures from chunks the journal streams, then swap them in atomically."""
+        real, tmp = keys.queue_keys(queue), keys.rebuild_keys(queue)
+        async with _translated("rebuild"):
+            await self.redis.delete(*tmp.all())
+            async for chunk in ready:
+                if chunk:
+                    await self.redis.lpush(tmp.ready, *chunk)
+            async for leased in processing:
+                if leased:
+                    pipe = self.redis.pipeline(transaction=False)
+                    pipe.lpush(tmp.processing, *(i for i, _ in leased))
+                    pipe.zadd(tmp.leases, {str(i): _ms(deadline) for i, deadline in leased})
+                    await pipe.execute()
+        await self._run("swap", (*real.all(), *tmp.all()), ())
+
+    async def snapshot(self, queue: str) -> QueueSnapshot:
+        k = keys.queue_keys(queue)
+        async with _translated("snapshot"):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.lrange(k.ready, 0, -1)
+            pipe.lrange(k.processing, 0, -1)
+            pipe.zrange(k.leases, 0, -1, withscores=True)
+            pipe.zrange(k.delayed, 0, -1, withscores=True)
+            ready, processing, leases, delayed = await pipe.execute()
+        return QueueSnapshot(
+            ready=[int(i) for i in ready],
+            processing=[int(i) for i in processing],
+            leases={int(i): score / 1000 for i, score in leases},
+            delayed={int(i): score / 1000 for i, score in delayed},
+        )
+
+    async def queue_names(self) -> set[str]:
+        """Queues that have any key in Redis (to find leftovers of deleted queues)."""
+        names: set[str] = set()
+        async with _translated("scan"):
+            async for key in self.redis.scan_iter(match=keys.QUEUE_KEY_PATTERN, count=1000):
+                name = keys.queue_of_key(key.decode())
+                if name is not None:
+                    names.add(name)
+        return names
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)

@@ -1,0 +1,140 @@
+-- Named SQL blocks of the journal. `-- name: X` starts a block; named parameters only.
+
+-- name: schema
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queues (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    settings TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    queue_id INTEGER NOT NULL,
+    content TEXT NOT NULL,
+    headers TEXT,
+    status TEXT NOT NULL,
+    delivery_count INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    available_at REAL NOT NULL,
+    last_error TEXT,
+    dead_lettered_from TEXT,
+    lease_id TEXT,
+    lease_expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS messages_by_queue_status ON messages (queue_id, status, id);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    type TEXT NOT NULL,
+    queue TEXT,
+    message_id INTEGER,
+    actor TEXT,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_message ON events (message_id, seq) WHERE message_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS users (
+    username TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    roles TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
+
+-- name: schema_version
+SELECT value FROM meta WHERE key = 'schema_version';
+
+-- name: max_ids
+SELECT (SELECT coalesce(max(id), 0) FROM messages),
+       (SELECT coalesce(max(seq), 0) FROM events),
+       (SELECT coalesce(max(id), 0) FROM queues);
+
+-- name: select_queues
+SELECT id, name, created_at, updated_at, settings FROM queues ORDER BY name;
+
+-- name: count_by_queue_status
+SELECT queue_id, status, count(*) FROM messages GROUP BY queue_id, status;
+
+-- name: insert_queue
+INSERT INTO queues (id, name, created_at, updated_at, settings)
+VALUES (:id, :name, :created_at, :updated_at, :settings);
+
+-- name: update_queue
+UPDATE queues SET settings = :settings, updated_at = :updated_at WHERE id = :id;
+
+-- name: delete_queue
+DELETE FROM queues WHERE id = :id;
+
+-- name: delete_queue_messages
+DELETE FROM messages WHERE queue_id = :queue_id;
+
+-- name: purge_queue_messages
+DELETE FROM messages WHERE queue_id = :queue_id AND status IN ('pending', 'delayed');
+
+-- name: insert_message
+INSERT INTO messages (id, queue_id, content, headers, status, delivery_count, created_at, updated_at,
+                      available_at, last_error, dead_lettered_from, lease_id, lease_expires_at)
+VALUES (:id, :queue_id, :content, :headers, :status, :delivery_count, :created_at, :updated_at,
+        :available_at, :last_error, :dead_lettered_from, :lease_id, :lease_expires_at);
+
+-- name: update_message
+UPDATE messages
+SET queue_id = :queue_id, status = :status, delivery_count = :delivery_count, updated_at = :updated_at,
+    available_at = :available_at, last_error = :last_error, dead_lettered_from = :dead_lettered_from,
+    lease_id = :lease_id, lease_expires_at = :lease_expires_at
+WHERE id = :id;
+
+-- name: select_messages_by_ids
+SELECT id, queue_id, content, headers, status, delivery_count, created_at, updated_at, available_at,
+       last_error, dead_lettered_from, lease_id, lease_expires_at
+FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
+
+-- name: select_message
+SELECT id, queue_id, content, headers, status, delivery_count, created_at, updated_at, available_at,
+       last_error, dead_lettered_from, lease_id, lease_expires_at
+FROM messages WHERE id = :id;
+
+-- name: browse_messages
+SELECT id, queue_id, content, headers, status, delivery_count, created_at, updated_at, available_at,
+       last_error, dead_lettered_from, lease_id, lease_expires_at
+FROM messages WHERE queue_id = :queue_id AND id > :after_id ORDER BY id LIMIT :limit;
+
+-- name: browse_messages_by_status
+SELECT id, queue_id, content, headers, status, delivery_count, created_at, updated_at, available_at,
+       last_error, dead_lettered_from, lease_id, lease_expires_at
+FROM messages WHERE queue_id = :queue_id AND status = :status AND id > :after_id ORDER BY id LIMIT :limit;
+
+-- name: ids_by_status
+SELECT id, lease_expires_at, available_at FROM messages
+WHERE queue_id = :queue_id AND status = :status AND id > :after_id ORDER BY id LIMIT :limit;
+
+-- name: oldest_pending
+SELECT created_at FROM messages WHERE queue_id = :queue_id AND status = 'pending' ORDER BY id LIMIT 1;
+
+-- name: insert_event
+INSERT INTO events (seq, ts, type, queue, message_id, actor, data)
+VALUES (:seq, :ts, :type, :queue, :message_id, :actor, :data);
+
+-- name: message_events
+SELECT seq, ts, type, queue, message_id, actor, data FROM events WHERE message_id = :message_id ORDER BY seq;
+
+-- name: events_after
+SELECT seq, ts, type, queue, message_id, actor, data FROM events WHERE seq > :after_seq ORDER BY seq LIMIT :limit;
+
+-- name: select_users
+SELECT username, password_hash, roles, created_at FROM users ORDER BY username;
+
+-- name: select_user
+SELECT username, password_hash, roles, created_at FROM users WHERE username = :username;
+
+-- name: insert_user
+INSERT INTO users (username, password_hash, roles, created_at)
+VALUES (:username, :password_hash, :roles, :created_at);
+
+-- name: delete_user
+DELETE FROM users WHERE username = :username;

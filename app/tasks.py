@@ -1,0 +1,54 @@
+"""Background loops inside the broker process (no extra daemon): the lease reaper and the Redis watcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from app.broker import Broker
+from app.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundTasks:
+    """Starts the loops on enter and stops them on exit. A failing round is logged and retried next round."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> BackgroundTasks:
+        settings = self.broker.settings
+        self._start("redis-watcher", self.broker.recovery.watch_once, settings.redis_check_interval_seconds)
+        self._start("lease-reaper", self._reap, settings.reaper_interval_seconds)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _reap(self) -> None:
+        if self.broker.recovery.redis_up:
+            await self.broker.reap_expired_leases()
+
+    def _start(self, name: str, step: Callable[[], Awaitable[Any]], interval: float) -> None:
+        self._tasks.append(asyncio.create_task(_every(name, step, interval), name=name))
+
+
+async def _every(name: str, step: Callable[[], Awaitable[Any]], interval: float) -> None:
+    while True:
+        try:
+            await step()
+        except BrokerError as exc:
+            log.warning("%s: %s", name, exc.detail)
+        except Exception:
+            log.exception("%s failed; retrying in %.1fs", name, interval)
+        await asyncio.sleep(interval)
