@@ -20,6 +20,7 @@ class BackgroundTasks:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
 
     async def __aenter__(self) -> BackgroundTasks:
         settings = self.broker.settings
@@ -30,8 +31,7 @@ class BackgroundTasks:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for task in self._tasks:
-            task.cancel()
+        self._stop.set()  # each loop ends after its current round; a cancel would be lost inside some clients
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
@@ -40,15 +40,18 @@ class BackgroundTasks:
             await self.broker.reap_expired_leases()
 
     def _start(self, name: str, step: Callable[[], Awaitable[Any]], interval: float) -> None:
-        self._tasks.append(asyncio.create_task(_every(name, step, interval), name=name))
+        self._tasks.append(asyncio.create_task(self._every(name, step, interval), name=name))
 
-
-async def _every(name: str, step: Callable[[], Awaitable[Any]], interval: float) -> None:
-    while True:
-        try:
-            await step()
-        except BrokerError as exc:
-            log.warning("%s: %s", name, exc.detail)
-        except Exception:
-            log.exception("%s failed; retrying in %.1fs", name, interval)
-        await asyncio.sleep(interval)
+    async def _every(self, name: str, step: Callable[[], Awaitable[Any]], interval: float) -> None:
+        while not self._stop.is_set():
+            try:
+                await step()
+            except BrokerError as exc:
+                log.warning("%s: %s", name, exc.detail)
+            except Exception:
+                log.exception("%s failed; retrying in %.1fs", name, interval)
+            try:
+                async with asyncio.timeout(interval):
+                    await self._stop.wait()
+            except TimeoutError:
+                pass

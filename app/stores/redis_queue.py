@@ -89,7 +89,8 @@ class RedisQueueStore:
 
     async def ping(self) -> bool:
         try:
-            return bool(await asyncio.wait_for(self.redis.ping(), self._timeout))
+            async with asyncio.timeout(self._timeout):  # not wait_for: on 3.11 it can swallow a cancellation
+                return bool(await self.redis.ping())
         except (RedisError, OSError, TimeoutError):
             return False
 
@@ -131,8 +132,8 @@ class RedisQueueStore:
         k = keys.queue_keys(queue)
         async with _translated("wait"):
             # Redis takes fractional timeouts; the client's type hint says int.
-            blocking = self.redis.blmove(k.ready, k.processing, wait_seconds, "RIGHT", "LEFT")  # type: ignore[arg-type]
-            moved = await asyncio.wait_for(blocking, wait_seconds + self._timeout)
+            async with asyncio.timeout(wait_seconds + self._timeout):
+                moved = await self.redis.blmove(k.ready, k.processing, wait_seconds, "RIGHT", "LEFT")  # type: ignore[arg-type]
             if moved is None:
                 return None
             deadline = time.time() + lease_seconds
