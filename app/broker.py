@@ -118,7 +118,11 @@ class Broker:
             self.recovery.require_redis()
             lease_deadline = time.time() + lease_seconds
             async with self.gate.shared():
-                ids = await self.redis.take(queue.name, max_messages, lease_deadline)
+                try:
+                    ids = await self.redis.take(queue.name, max_messages, lease_deadline)
+                except RedisUnavailable:
+                    self.recovery.mark_dirty()
+                    raise
             remaining = give_up_at - loop.time()
             if not ids and remaining > 0:
                 lease_deadline, taken = await self._wait_take(queue, remaining, lease_seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from types import TracebackType
 from typing import Any
 
@@ -22,7 +23,11 @@ class BrokerClient:
     """`with BrokerClient(url, username=..., password=...) as c: c.publish("jobs", {"x": 1})`."""
 
     def __init__(self, base_url: str, *, username: str | None = None, password: str | None = None,
-                 token: str | None = None, verify: bool | str = True, timeout: float = 30.0) -> None:
+                 token: str | None = None, verify: bool | str | ssl.SSLContext = True,
+                 timeout: float = 30.0) -> None:
+        """`verify`: True (system CAs), False, a CA bundle path (e.g. the broker's self-signed cert.pem)."""
+        if isinstance(verify, str):
+            verify = ssl.create_default_context(cafile=verify)
         self._http = httpx.Client(base_url=base_url, verify=verify, timeout=timeout)
         self._token = token
         if token is None and username is not None:

@@ -45,8 +45,10 @@ class Reconciler:
         self._dirty = True
 
     def mark_dirty(self) -> None:
-        """A Redis change after a journal commit failed: rebuild once Redis answers again."""
+        """A Redis change after a journal commit failed: Redis is down or behind; until the watcher has rebuilt
+        it, publish and consume answer 503 instead of trying."""
         self._dirty = True
+        self.redis_up = False
 
     def require_redis(self) -> None:
         if not self.redis_up:

@@ -113,11 +113,13 @@ class BrokerProcess:
             self.process.kill()
             self.process.wait(timeout=10)
 
-    def terminate(self, timeout: float = 40.0) -> int:
-        """SIGTERM: graceful shutdown; returns the exit code."""
+    def terminate(self, timeout: float = 40.0) -> bool:
+        """SIGTERM: graceful shutdown. Returns whether it shut down cleanly: uvicorn drains, runs the lifespan's
+        shutdown, then re-raises the signal, so the exit status is -SIGTERM (or 0)."""
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+        code = self.process.wait(timeout=timeout)
+        return code in (0, -signal.SIGTERM) and "Application shutdown complete" in self.log_path.read_text()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
