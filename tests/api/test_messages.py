@@ -44,7 +44,7 @@ async def test_messages_are_delivered_oldest_first(client: ApiClient, admin: dic
 async def test_a_delivery_carries_a_lease(client: ApiClient, admin: dict[str, str]) -> None:
     await publish(client, admin, "x")
     delivery = (await client.post("/queues/jobs/messages/consume", json={"visibility_timeout": 5},
-                                  headers=admin)).json()["messages"][0]  # fmt: skip
+                                  headers=admin)).json()["messages"][0]
     assert delivery["lease_id"] and delivery["lease_expires_at"].endswith("Z") and delivery["retrieved_at"]
     assert delivery["delivery_count"] == 1 and delivery["status"] == "processing"
 
@@ -124,7 +124,7 @@ async def test_requeue_past_max_deliveries_fails_the_message_with_every_delivery
         delivery = (await client.get("/queues/few/messages/consume", headers=admin)).json()
         assert delivery["id"] == message_id
         nack = await client.post(f"/messages/{message_id}/nack", json={"requeue": True, "reason": "flaky"},
-                                 headers=admin)  # fmt: skip
+                                 headers=admin)
         statuses.append(nack.json()["status"])
     assert statuses == ["pending", "pending", "failed"]
     message = (await client.get(f"/messages/{message_id}", headers=admin)).json()
@@ -138,7 +138,7 @@ async def test_an_unacked_delivery_is_redelivered_after_its_lease_expires(
 ) -> None:
     message_id = await publish(client, admin, "x")
     first = (await client.post("/queues/jobs/messages/consume", json={"visibility_timeout": 0.3},
-                               headers=admin)).json()["messages"][0]  # fmt: skip
+                               headers=admin)).json()["messages"][0]
     assert (await client.get("/queues/jobs/messages/consume", headers=admin)).json() is None
     second = (await client.get("/queues/jobs/messages/consume?wait=5", headers=admin)).json()
     assert second["id"] == message_id and second["delivery_count"] == 2 and second["lease_id"] != first["lease_id"]
@@ -165,7 +165,7 @@ async def test_sixteen_concurrent_consumers_drain_2000_messages_each_exactly_onc
     for start in range(0, 2000, 500):
         batch = [{"content": n} for n in range(start, start + 500)]
         published += (await client.post("/queues/jobs/messages/batch", json={"messages": batch},
-                                        headers=admin)).json()["message_ids"]  # fmt: skip
+                                        headers=admin)).json()["message_ids"]
     received: list[int] = []
 
     async def consumer() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -28,7 +27,7 @@ def cli(data_dir: Path, *args: str, redis_url: str | None = None) -> subprocess.
 def redis_children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines()[1:]
-            if "redis-server" in line and int(line.split()[1]) == pid]  # fmt: skip
+            if "redis-server" in line and int(line.split()[1]) == pid]
 
 
 def test_serve_with_embedded_redis_and_self_signed_tls_works_and_stops_cleanly(tmp_path: Path) -> None:
@@ -64,8 +63,8 @@ def test_a_restarted_broker_keeps_users_queues_and_messages(tmp_path: Path) -> N
     try:
         headers = {"Authorization": f"Bearer {token(first.url)}"}
         httpx.post(first.url + "/queues", json={"name": "keep"}, headers=headers).raise_for_status()
-        ids = [httpx.post(first.url + "/queues/keep/messages", json={"content": n}, headers=headers).json()["message_id"]
-               for n in range(3)]  # fmt: skip
+        publish = first.url + "/queues/keep/messages"
+        ids = [httpx.post(publish, json={"content": n}, headers=headers).json()["message_id"] for n in range(3)]
     finally:
         first.stop()
     second = BrokerProcess(data, redis_url=None).start()
@@ -101,7 +100,8 @@ def test_cli_manages_users_and_publishes_and_consumes_through_the_api(tmp_path: 
 
         removed = cli(data, "user", "remove", "worker")
         assert removed.returncode == 0
-        assert httpx.post(broker.url + "/login", data={"username": "worker", "password": "worker-pass"}).status_code == 401
+        login = httpx.post(broker.url + "/login", data={"username": "worker", "password": "worker-pass"})
+        assert login.status_code == 401
     finally:
         broker.stop()
         redis.stop()
@@ -135,5 +135,5 @@ def test_serve_refuses_bad_settings_with_a_clear_message(tmp_path: Path) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env.update(BROKER_DATA_DIR=str(tmp_path), BROKER_JOURNAL_SYNC="sometimes")
     result = subprocess.run([sys.executable, "-m", "app", "serve"], env=env, capture_output=True, text=True,
-                            timeout=30)  # fmt: skip
+                            timeout=30)
     assert result.returncode == 2 and "BROKER_JOURNAL_SYNC" in result.stderr
