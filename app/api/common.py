@@ -137,15 +137,16 @@ def query_number(request: Request, field: str, default: float, *, maximum: float
     return result
 
 
-def optional_number(request: Request, data: dict[str, Any], field: str, *, maximum: float) -> float | None:
+def optional_number(request: Request, data: dict[str, Any], field: str, *, maximum: float,
+                    minimum: float = 0) -> float | None:
     """A number from the body, else from the query string (seed clients send query parameters)."""
     if field in data:
-        return number(data, field, None, maximum=maximum)
+        return number(data, field, None, minimum=minimum, maximum=maximum)
     raw = request.query_params.get(field)
     if raw is None or raw == "":
         return None
     try:
-        return number({field: float(raw)}, field, None, maximum=maximum)
+        return number({field: float(raw)}, field, None, minimum=minimum, maximum=maximum)
     except ValueError:
         raise _invalid(field, "must be a number") from None
 

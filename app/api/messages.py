@@ -23,7 +23,7 @@ from app.api.common import (
     state,
     text,
 )
-from app.api.queues import MAX_VISIBILITY_TIMEOUT, queue_name
+from app.api.queues import MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT, queue_name
 from app.broker import MAX_CONSUME, MAX_WAIT_SECONDS
 from app.errors import MessageNotFound, ValidationFailed
 from app.models import MessageStatus, NewMessage, Principal, Role
@@ -78,9 +78,10 @@ async def consume_one(request: Request, principal: Principal) -> Response:
     """GET: the seed's call: one delivery, or null when nothing is ready within `wait`."""
     name = queue_name(request.path_params["queue"])
     wait = query_number(request, "wait", 0.0, maximum=MAX_WAIT_SECONDS)
-    timeout = optional_number(request, {}, "visibility_timeout", maximum=MAX_VISIBILITY_TIMEOUT)
+    timeout = optional_number(request, {}, "visibility_timeout", minimum=MIN_VISIBILITY_TIMEOUT,
+                              maximum=MAX_VISIBILITY_TIMEOUT)
     deliveries = await state(request)["broker"].consume(
-        name, max_messages=1, wait=wait, visibility_timeout=timeout or None, actor=principal.username
+        name, max_messages=1, wait=wait, visibility_timeout=timeout, actor=principal.username
     )
     return JSONResponse(render.delivery(deliveries[0]) if deliveries else None)
 
@@ -91,9 +92,10 @@ async def consume_many(request: Request, principal: Principal) -> Response:
     data = await read_object(request, required=False)
     count = integer(data, "max", 1, minimum=1, maximum=MAX_CONSUME)
     wait = number(data, "wait", 0.0, maximum=MAX_WAIT_SECONDS)
-    timeout = optional_number(request, data, "visibility_timeout", maximum=MAX_VISIBILITY_TIMEOUT)
+    timeout = optional_number(request, data, "visibility_timeout", minimum=MIN_VISIBILITY_TIMEOUT,
+                              maximum=MAX_VISIBILITY_TIMEOUT)
     deliveries = await state(request)["broker"].consume(
-        name, max_messages=count or 1, wait=wait or 0.0, visibility_timeout=timeout or None,
+        name, max_messages=count or 1, wait=wait or 0.0, visibility_timeout=timeout,
         actor=principal.username,
     )
     return JSONResponse({"messages": [render.delivery(d) for d in deliveries]})

@@ -14,6 +14,7 @@ from app.errors import InvalidQueueName, ValidationFailed
 from app.models import QUEUE_NAME_RE, Principal, QueueSettings, Role
 
 SETTINGS_FIELDS = ("visibility_timeout", "max_deliveries", "dead_letter_queue", "max_length", "retention_seconds")
+MIN_VISIBILITY_TIMEOUT = 0.001
 MAX_VISIBILITY_TIMEOUT = 12 * 3600.0
 
 
@@ -28,8 +29,11 @@ def queue_name(raw: object) -> str:
 def settings_changes(data: dict[str, Any]) -> dict[str, Any]:
     """The queue settings present in a request body, checked."""
     changes: dict[str, Any] = {}
+    nulls = [f for f in ("visibility_timeout", "max_deliveries") if f in data and data[f] is None]
+    if nulls:
+        raise ValidationFailed([{"field": f, "message": "cannot be null"} for f in nulls])
     if "visibility_timeout" in data:
-        changes["visibility_timeout"] = number(data, "visibility_timeout", None, minimum=0.001,
+        changes["visibility_timeout"] = number(data, "visibility_timeout", None, minimum=MIN_VISIBILITY_TIMEOUT,
                                                maximum=MAX_VISIBILITY_TIMEOUT)
     if "max_deliveries" in data:
         changes["max_deliveries"] = integer(data, "max_deliveries", None, minimum=1)

@@ -137,3 +137,15 @@ async def test_a_dead_letter_queue_must_exist_and_not_be_the_queue_itself(
                  "validation_error")
     assert_error(await client.patch("/queues/q", json={"dead_letter_queue": "q"}, headers=admin), 422,
                  "validation_error")
+
+
+async def test_null_for_a_required_queue_setting_is_422(client: ApiClient, admin: dict[str, str]) -> None:
+    for body in ({"name": "n", "visibility_timeout": None}, {"name": "n", "max_deliveries": None}):
+        assert_error(await client.post("/queues", json=body, headers=admin), 422, "validation_error")
+    assert_error(await client.patch("/queues/q", json={"max_deliveries": None}, headers=admin), 422,
+                 "validation_error")
+
+
+async def test_a_visibility_timeout_of_zero_is_422_not_the_queue_default(client: ApiClient, admin: dict[str, str]) -> None:
+    assert_error(await client.get("/queues/q/messages/consume?visibility_timeout=0", headers=admin), 422,
+                 "validation_error")

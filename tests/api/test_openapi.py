@@ -1,4 +1,4 @@
-"""The OpenAPI document (app/api/openapi.yaml) is valid, covers exactly the route table, and is served with its viewer."""
+"""The OpenAPI document (app/api/openapi.yaml) is valid, matches the route table, and is served with its viewer."""
 
 from __future__ import annotations
 
