@@ -54,6 +54,7 @@ def routes() -> list[Route | Mount]:
         Route("/queues/{queue}", queues.update_queue, methods=["PATCH"]),
         Route("/queues/{queue}", queues.delete_queue, methods=["DELETE"]),
         Route("/queues/{queue}/purge", queues.purge_queue, methods=["POST"]),
+        Route("/queues/{queue}/redrive", queues.redrive_queue, methods=["POST"]),
         Route("/queues/{queue}/messages", messages.browse, methods=["GET"]),
         Route("/queues/{queue}/messages", messages.publish, methods=["POST"]),
         Route("/queues/{queue}/messages/batch", messages.publish_batch, methods=["POST"]),
@@ -63,6 +64,7 @@ def routes() -> list[Route | Mount]:
         Route("/messages/{message_id}/history", messages.history, methods=["GET"]),
         Route("/messages/{message_id}/ack", messages.ack, methods=["POST"]),
         Route("/messages/{message_id}/nack", messages.nack, methods=["POST"]),
+        Route("/messages/{message_id}/extend", messages.extend, methods=["POST"]),
     ]
 
 

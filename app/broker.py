@@ -25,8 +25,9 @@ from app.models import (
 )
 from app.recovery import Reconciler
 from app.settings import Settings
+from app.stores.message_ops import IDEMPOTENCY_WINDOW_SECONDS
 from app.stores.redis_queue import RedisQueueStore
-from app.stores.sqlite_journal import SqliteJournalStore
+from app.stores.sqlite_journal import SqliteJournalStore, Transition
 
 log = logging.getLogger(__name__)
 MAX_WAIT_SECONDS = 20.0
@@ -99,11 +100,14 @@ class Broker:
         queue = self.journal.queue(name)
         if not self.recovery.redis_up:
             raise RedisUnavailable("Redis is unavailable; nothing was published, retry later")
-        messages = await self.journal.publish(queue, items, actor)
-        ready = [m.id for m in messages if m.status is MessageStatus.PENDING]
+        results = await self.journal.publish(queue, items, actor)
+        fresh = [r for r in results if not r.duplicate]
+        ready = [r.message_id for r in fresh if r.status is MessageStatus.PENDING]
+        due = {r.message_id: r.available_at for r in fresh if r.status is MessageStatus.DELAYED}
         async with self.gate.shared():
             await self._redis_after_commit(self.redis.enqueue(queue.name, ready))
-        return [PublishResult(m.id, m.status) for m in messages]
+            await self._redis_after_commit(self.redis.schedule(queue.name, due))
+        return results
 
     async def consume(
         self, name: str, *, max_messages: int = 1, wait: float = 0.0, visibility_timeout: float | None = None,
@@ -180,16 +184,47 @@ class Broker:
         return message
 
     async def nack(
-        self, message_id: int, lease_id: str | None, *, requeue: bool, reason: str | None, actor: str
-    ) -> Message:
+        self, message_id: int, lease_id: str | None, *, requeue: bool, delay: float = 0.0, reason: str | None,
+        actor: str,
+    ) -> Transition:
         """Journal the outcome first (the journal checks the lease), then move the id in Redis to match."""
-        message = await self.journal.nack(message_id, lease_id, requeue, reason, actor)
+        change = await self.journal.nack(message_id, lease_id, requeue, delay, reason, actor)
         async with self.gate.shared():
-            if message.status is MessageStatus.PENDING:
-                await self._redis_after_commit(self.redis.requeue(message.queue, [message_id]))
-            else:
-                await self._redis_after_commit(self.redis.release(message.queue, [message_id]))
+            await self._redis_after_commit(self._settle_delivery(change))
+        return change
+
+    async def _settle_delivery(self, change: Transition) -> None:
+        """Make Redis match a delivery that ended: back to ready, delayed, another queue, or gone."""
+        message, source = change.message, change.from_queue
+        if message.queue != source:  # dead-lettered
+            await self.redis.release(source, [message.id])
+            await self.redis.enqueue(message.queue, [message.id])
+        elif message.status is MessageStatus.PENDING:
+            await self.redis.requeue(source, [message.id])
+        elif message.status is MessageStatus.DELAYED:
+            await self.redis.defer(source, {message.id: message.available_at})
+        else:
+            await self.redis.release(source, [message.id])
+
+    async def extend(self, message_id: int, lease_id: str | None, seconds: float, actor: str) -> Message:
+        """Journal the new deadline first, then move the lease in Redis (the reaper reads it there)."""
+        message = await self.journal.extend(message_id, lease_id, seconds, actor)
+        assert message.lease_expires_at is not None
+        async with self.gate.shared():
+            await self._redis_after_commit(
+                self.redis.restore_leases(message.queue, {message.id: message.lease_expires_at})
+            )
         return message
+
+    async def redrive(self, name: str, limit: int, actor: str) -> int:
+        """Failed messages back to pending; on a dead-letter queue, its messages back to where they came from."""
+        queue = self.journal.queue(name)
+        changes = await self.journal.redrive(queue, limit, actor)
+        async with self.gate.shared():
+            for change in changes:
+                # A copy left in the dead-letter queue's ready list is refused at delivery (wrong queue).
+                await self._redis_after_commit(self.redis.enqueue(change.message.queue, [change.message.id]))
+        return len(changes)
 
     async def message(self, message_id: int) -> Message | None:
         return await self.journal.get_message(message_id)
@@ -210,10 +245,30 @@ class Broker:
         for queue in self.journal.queues():
             async with self.gate.shared():
                 ids = await self.redis.reap(queue.name, now)
-                if ids:
-                    await self.journal.expire_leases(ids)
+                if not ids:
+                    continue
+                for change in await self.journal.expire_leases(ids):
+                    if change.message.queue != change.from_queue:  # dead-lettered at its delivery limit
+                        await self._redis_after_commit(self.redis.enqueue(change.message.queue, [change.message.id]))
             moved += len(ids)
         return moved
+
+    async def promote_delayed(self) -> int:
+        """Move due delayed messages to ready (Redis first, atomically), then journal them as pending."""
+        promoted = 0
+        now = time.time()
+        for queue in self.journal.queues():
+            async with self.gate.shared():
+                ids = await self.redis.promote(queue.name, now)
+                if ids:
+                    promoted += await self.journal.promote_delayed(ids)
+        return promoted
+
+    async def apply_retention(self) -> int:
+        """Delete terminal messages past their queue's retention, and idempotency keys past their window."""
+        now = time.time()
+        await self.journal.prune_idempotency_keys(now - IDEMPOTENCY_WINDOW_SECONDS)
+        return await self.journal.prune_expired(now)
 
     async def _redis_after_commit(self, change: Any) -> None:
         """Run a Redis change that follows a committed journal change. If Redis fails now, the journal still

@@ -55,6 +55,7 @@ class EventType(StrEnum):
     MESSAGE_DEAD_LETTERED = "message.dead_lettered"
     MESSAGE_REDRIVEN = "message.redriven"
     MESSAGE_DELETED = "message.deleted"
+    MESSAGE_LEASE_EXTENDED = "message.lease_extended"
 
 
 @dataclass(frozen=True)
@@ -169,5 +170,6 @@ class NewMessage:
 @dataclass(frozen=True)
 class PublishResult:
     message_id: int
-    status: MessageStatus
+    status: MessageStatus | None  # None: a duplicate whose message has since been deleted
     duplicate: bool = False
+    available_at: float = 0.0

@@ -63,7 +63,7 @@ class Reconciler:
                 counts = self.journal.counts(queue)
                 ready += counts[MessageStatus.PENDING.value]
                 processing += counts[MessageStatus.PROCESSING.value]
-                await self.redis.rebuild(queue.name, self._pending(queue), self._leased(queue))
+                await self.redis.rebuild(queue.name, self._pending(queue), self._leased(queue), self._delayed(queue))
             known = {q.name for q in queues}
             leftovers = await self.redis.queue_names() - known
             for name in leftovers:
@@ -86,6 +86,10 @@ class Reconciler:
         now = time.time()
         async for chunk in self.journal.ids_by_status(queue, MessageStatus.PROCESSING):
             yield [(message_id, lease or now) for message_id, lease, _ in chunk]
+
+    async def _delayed(self, queue: Queue) -> AsyncIterator[list[tuple[int, float]]]:
+        async for chunk in self.journal.ids_by_status(queue, MessageStatus.DELAYED):
+            yield [(message_id, available_at) for message_id, _, available_at in chunk]
 
     async def _redis_run_id(self) -> str:
         info = await self.redis.redis.info("server")
@@ -124,6 +128,9 @@ class Reconciler:
             leased: dict[int, float] = {}
             async for pairs in self._leased(queue):
                 leased.update(pairs)
+            delayed: dict[int, float] = {}
+            async for pairs in self._delayed(queue):
+                delayed.update(pairs)
             ready = Counter(snap.ready)
             in_processing = Counter(snap.processing)
             for label, ids in (
@@ -134,6 +141,8 @@ class Reconciler:
                 ("processing in Redis but not in the journal", in_processing.keys() - leased.keys()),
                 ("processing in Redis more than once", {i for i, n in in_processing.items() if n > 1}),
                 ("processing without a lease in Redis", leased.keys() - snap.leases.keys()),
+                ("delayed in the journal but not in Redis", delayed.keys() - snap.delayed.keys()),
+                ("delayed in Redis but not in the journal", snap.delayed.keys() - delayed.keys()),
             ):
                 if ids:
                     found.append(f"{queue.name}: {len(ids)} {label}: {_sample(ids)}")

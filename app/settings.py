@@ -41,6 +41,8 @@ class Settings:
     refresh_token_seconds: int = 7 * 24 * 3600
     login_rate_limit: str = "10/minute"
     reaper_interval_seconds: float = 1.0
+    promoter_interval_seconds: float = 0.25
+    retention_interval_seconds: float = 60.0
     redis_check_interval_seconds: float = 1.0
     journal_batch_max: int = 2000
 

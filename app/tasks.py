@@ -1,4 +1,5 @@
-"""Background loops inside the broker process (no extra daemon): the lease reaper and the Redis watcher."""
+"""Background loops inside the broker process (no extra daemon): Redis watcher, lease reaper, delay promoter,
+retention."""
 
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ class BackgroundTasks:
     async def __aenter__(self) -> BackgroundTasks:
         settings = self.broker.settings
         self._start("redis-watcher", self.broker.recovery.watch_once, settings.redis_check_interval_seconds)
-        self._start("lease-reaper", self._reap, settings.reaper_interval_seconds)
+        self._start("lease-reaper", self._when_redis_up(self.broker.reap_expired_leases),
+                    settings.reaper_interval_seconds)
+        self._start("delay-promoter", self._when_redis_up(self.broker.promote_delayed),
+                    settings.promoter_interval_seconds)
+        self._start("retention", self.broker.apply_retention, settings.retention_interval_seconds)
         return self
 
     async def __aexit__(
@@ -35,9 +40,12 @@ class BackgroundTasks:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
-    async def _reap(self) -> None:
-        if self.broker.recovery.redis_up:
-            await self.broker.reap_expired_leases()
+    def _when_redis_up(self, step: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        async def guarded() -> None:
+            if self.broker.recovery.redis_up:
+                await step()
+
+        return guarded
 
     def _start(self, name: str, step: Callable[[], Awaitable[Any]], interval: float) -> None:
         self._tasks.append(asyncio.create_task(self._every(name, step, interval), name=name))

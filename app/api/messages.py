@@ -26,13 +26,20 @@ from app.api.common import (
 from app.api.queues import MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT, queue_name
 from app.broker import MAX_CONSUME, MAX_WAIT_SECONDS
 from app.errors import MessageNotFound, ValidationFailed
-from app.models import MessageStatus, NewMessage, Principal, Role
+from app.models import MessageStatus, NewMessage, Principal, Queue, Role, iso
 
 MAX_BATCH = 1000
 MAX_BROWSE = 500
+MAX_IDEMPOTENCY_KEY = 255
+MAX_DELAY_SECONDS = 30 * 24 * 3600.0
 
 
-def parse_message(data: Any, max_bytes: int, where: str = "") -> NewMessage:
+def max_delay(queue: Queue) -> float:
+    """A delay may be as long as the queue keeps messages (its retention), else up to MAX_DELAY_SECONDS."""
+    return queue.settings.retention_seconds or MAX_DELAY_SECONDS
+
+
+def parse_message(data: Any, max_bytes: int, queue: Queue, where: str = "", key: str | None = None) -> NewMessage:
     if not isinstance(data, dict):
         raise ValidationFailed([{"field": where or "body", "message": "must be a JSON object"}])
     if "content" not in data:
@@ -42,34 +49,40 @@ def parse_message(data: Any, max_bytes: int, where: str = "") -> NewMessage:
     headers = data.get("headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise ValidationFailed([{"field": f"{where}headers", "message": "must be an object of strings"}])
-    delay = number(data, "delay_seconds", 0.0)
-    if delay:
-        raise ValidationFailed([{"field": f"{where}delay_seconds", "message": "delayed publish is not available yet"}])
-    return NewMessage(content=content.decode(), headers=headers)
+    try:
+        delay = number(data, "delay_seconds", 0.0, maximum=max_delay(queue)) or 0.0
+    except ValidationFailed as exc:
+        raise ValidationFailed([{**e, "field": where + e["field"]} for e in exc.errors]) from None
+    return NewMessage(content=content.decode(), headers=headers, delay_seconds=delay, idempotency_key=key)
 
 
 @requires(Role.PRODUCER)
 async def publish(request: Request, principal: Principal) -> Response:
-    name = queue_name(request.path_params["queue"])
     app = state(request)
-    item = parse_message(await read_object(request), app["settings"].max_message_bytes)
-    [result] = await app["broker"].publish(name, [item], principal.username)
-    return JSONResponse(
-        {"message": "Message published successfully", "message_id": result.message_id, "status": result.status},
-        status_code=201,
-    )
+    queue = app["broker"].queue(queue_name(request.path_params["queue"]))
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise ValidationFailed([{"field": "Idempotency-Key", "message": f"must be 1-{MAX_IDEMPOTENCY_KEY} characters"}])
+    item = parse_message(await read_object(request), app["settings"].max_message_bytes, queue, key=key)
+    [result] = await app["broker"].publish(queue.name, [item], principal.username)
+    status = result.status.value if result.status is not None else "deleted"
+    if result.duplicate:
+        return JSONResponse({"message": "Duplicate of an earlier publish; nothing new was published",
+                             "message_id": result.message_id, "status": status, "duplicate": True})
+    return JSONResponse({"message": "Message published successfully", "message_id": result.message_id,
+                         "status": status}, status_code=201)
 
 
 @requires(Role.PRODUCER)
 async def publish_batch(request: Request, principal: Principal) -> Response:
-    name = queue_name(request.path_params["queue"])
     app = state(request)
+    queue = app["broker"].queue(queue_name(request.path_params["queue"]))
     messages = (await read_object(request)).get("messages")
     if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_BATCH:
         raise ValidationFailed([{"field": "messages", "message": f"must be a list of 1 to {MAX_BATCH} messages"}])
     limit = app["settings"].max_message_bytes
-    items = [parse_message(m, limit, f"messages[{i}].") for i, m in enumerate(messages)]
-    results = await app["broker"].publish(name, items, principal.username)
+    items = [parse_message(m, limit, queue, f"messages[{i}].") for i, m in enumerate(messages)]
+    results = await app["broker"].publish(queue.name, items, principal.username)
     return JSONResponse({"message_ids": [r.message_id for r in results]}, status_code=201)
 
 
@@ -119,13 +132,34 @@ async def nack(request: Request, principal: Principal) -> Response:
     lease_id = text(data, "lease_id") or request.query_params.get("lease_id")
     requeue = flag(request, data, "requeue", False)
     reason = text(data, "reason", max_length=4096)
-    if number(data, "delay_seconds", 0.0):
-        raise ValidationFailed([{"field": "delay_seconds", "message": "delayed requeue is not available yet"}])
-    message = await state(request)["broker"].nack(
-        message_id, lease_id, requeue=requeue, reason=reason, actor=principal.username
+    delay = optional_number(request, data, "delay_seconds", maximum=MAX_DELAY_SECONDS) or 0.0
+    change = await state(request)["broker"].nack(
+        message_id, lease_id, requeue=requeue, delay=delay, reason=reason, actor=principal.username
     )
-    outcome = "requeued" if message.status is MessageStatus.PENDING else "marked failed"
-    return JSONResponse({"detail": f"Message {message_id} {outcome}.", "status": message.status.value})
+    message = change.message
+    body: dict[str, Any] = {"status": message.status.value}
+    if message.queue != change.from_queue:
+        outcome = f"moved to dead-letter queue '{message.queue}'"
+        body["dead_letter_queue"] = message.queue
+    else:
+        outcome = {
+            MessageStatus.PENDING: "requeued",
+            MessageStatus.DELAYED: f"requeued after {delay:g}s",
+        }.get(message.status, "marked failed")
+    return JSONResponse({"detail": f"Message {message_id} {outcome}.", **body})
+
+
+@requires(Role.CONSUMER)
+async def extend(request: Request, principal: Principal) -> Response:
+    message_id = path_int(request, "message_id")
+    data = await read_object(request)
+    lease_id = text(data, "lease_id") or request.query_params.get("lease_id")
+    if "visibility_timeout" not in data:
+        raise ValidationFailed([{"field": "visibility_timeout", "message": "is required"}])
+    seconds = number(data, "visibility_timeout", None, minimum=MIN_VISIBILITY_TIMEOUT, maximum=MAX_DELAY_SECONDS)
+    assert seconds is not None
+    message = await state(request)["broker"].extend(message_id, lease_id, seconds, principal.username)
+    return JSONResponse({"lease_expires_at": iso(message.lease_expires_at), "lease_id": message.lease_id})
 
 
 @requires()

@@ -16,6 +16,7 @@ from app.models import QUEUE_NAME_RE, Principal, QueueSettings, Role
 SETTINGS_FIELDS = ("visibility_timeout", "max_deliveries", "dead_letter_queue", "max_length", "retention_seconds")
 MIN_VISIBILITY_TIMEOUT = 0.001
 MAX_VISIBILITY_TIMEOUT = 12 * 3600.0
+MAX_REDRIVE = 10_000
 
 
 def queue_name(raw: object) -> str:
@@ -87,6 +88,15 @@ async def update_queue(request: Request, principal: Principal) -> Response:
 async def delete_queue(request: Request, principal: Principal) -> Response:
     await state(request)["broker"].delete_queue(queue_name(request.path_params["queue"]), principal.username)
     return Response(status_code=204)
+
+
+@requires(Role.ADMIN)
+async def redrive_queue(request: Request, principal: Principal) -> Response:
+    name = queue_name(request.path_params["queue"])
+    data = await read_object(request, required=False)
+    limit = integer(data, "limit", MAX_REDRIVE, minimum=1, maximum=MAX_REDRIVE) or MAX_REDRIVE
+    moved = await state(request)["broker"].redrive(name, limit, principal.username)
+    return JSONResponse({"moved": moved})
 
 
 @requires(Role.ADMIN)

@@ -39,10 +39,14 @@ class Tx:
     rows: dict[int, Row]
     counters: Counters
     queues_by_id: dict[int, Queue]
+    counts: dict[int, Counter[str]] = field(default_factory=dict)  # committed counts per queue, read-only here
+    # Idempotency keys the batch loaded: scope ("<queue_id>:<key>") -> (message_id, created_at, status or None)
+    idempotency: dict[str, tuple[int, float, str | None]] = field(default_factory=dict)
     now: float = field(default_factory=time.time)
     inserted: list[Row] = field(default_factory=list)
     inserted_ids: set[int] = field(default_factory=set)
     dirty: dict[int, Row] = field(default_factory=dict)
+    deleted: list[int] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     statements: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     count_deltas: Counter[tuple[int, str]] = field(default_factory=Counter)
@@ -81,15 +85,33 @@ class Tx:
         data: dict[str, Any] | None = None,
         **changes: Any,
     ) -> None:
-        """Move one message to `status`, apply column changes and journal exactly one event."""
+        """Move one message to `status` (and maybe to another queue), apply column changes and journal exactly one
+        event, named after the queue the message was in."""
+        queue = self.queues_by_id.get(row["queue_id"])
         self.count_deltas[(row["queue_id"], row["status"])] -= 1
-        self.count_deltas[(row["queue_id"], status.value)] += 1
         row.update(changes, status=status.value, updated_at=self.now)
+        self.count_deltas[(row["queue_id"], status.value)] += 1
         if row["id"] not in self.inserted_ids:
             self.dirty[row["id"]] = row
-        queue = self.queues_by_id.get(row["queue_id"])
         name = queue.name if queue else None
         self.event(event_type, name, row["id"], actor, {"status": status.value, **(data or {})})
+
+    def delete_message(self, row: Row, actor: str | None, data: dict[str, Any]) -> None:
+        queue = self.queues_by_id.get(row["queue_id"])
+        self.count_deltas[(row["queue_id"], row["status"])] -= 1
+        self.deleted.append(row["id"])
+        self.dirty.pop(row["id"], None)
+        self.event(EventType.MESSAGE_DELETED, queue.name if queue else None, row["id"], actor, data)
+
+    def live_count(self, queue_id: int, statuses: tuple[str, ...]) -> int:
+        """Committed count plus this batch's changes so far."""
+        committed = self.counts.get(queue_id, Counter())
+        return sum(committed.get(s, 0) + self.count_deltas.get((queue_id, s), 0) for s in statuses)
+
+    def queue_named(self, name: str | None) -> Queue | None:
+        if name is None:
+            return None
+        return next((q for q in self.queues_by_id.values() if q.name == name), None)
 
     def require_queue(self, queue: Queue) -> None:
         """Refuse an operation on a queue deleted since the caller looked it up."""

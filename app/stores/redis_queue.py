@@ -25,7 +25,7 @@ from app.errors import RedisUnavailable
 from app.stores import keys
 
 REBUILD_CHUNK = 10_000
-_SCRIPTS = ("take", "release", "requeue", "reap", "swap")
+_SCRIPTS = ("take", "release", "requeue", "reap", "swap", "promote", "defer")
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,25 @@ class RedisQueueStore:
                     pipe.lpush(keys.queue_keys(queue).ready, *ids)
             await pipe.execute()
 
+    async def schedule(self, queue: str, due: dict[int, float]) -> None:
+        """Add ids to the delayed set, each due at its time."""
+        if due:
+            async with _translated("schedule"):
+                await self.redis.zadd(keys.queue_keys(queue).delayed, {str(i): _ms(t) for i, t in due.items()})
+
+    async def defer(self, queue: str, due: dict[int, float]) -> None:
+        """Move delivered ids from processing to the delayed set."""
+        if due:
+            k = keys.queue_keys(queue)
+            args = [v for i, t in due.items() for v in (i, _ms(t))]
+            await self._run("defer", (k.processing, k.leases, k.delayed), args)
+
+    async def promote(self, queue: str, now: float, limit: int = 1000) -> list[int]:
+        """Move delayed ids that are due to ready; return them."""
+        k = keys.queue_keys(queue)
+        ids = await self._run("promote", (k.delayed, k.ready), (_ms(now), limit))
+        return [int(i) for i in ids]
+
     async def take(self, queue: str, count: int, lease_deadline: float) -> list[int]:
         """Move up to `count` ids from ready to processing, each with a lease until `lease_deadline`."""
         k = keys.queue_keys(queue)
@@ -182,6 +201,7 @@ class RedisQueueStore:
         queue: str,
         ready: AsyncIterator[list[int]],
         processing: AsyncIterator[list[tuple[int, float]]],
+        delayed: AsyncIterator[list[tuple[int, float]]],
     ) -> None:
         """Refill a queue's structures from chunks the journal streams, then swap them in atomically."""
         real, tmp = keys.queue_keys(queue), keys.rebuild_keys(queue)
@@ -196,6 +216,9 @@ class RedisQueueStore:
                     pipe.lpush(tmp.processing, *(i for i, _ in leased))
                     pipe.zadd(tmp.leases, {str(i): _ms(deadline) for i, deadline in leased})
                     await pipe.execute()
+            async for scheduled in delayed:
+                if scheduled:
+                    await self.redis.zadd(tmp.delayed, {str(i): _ms(due) for i, due in scheduled})
         await self._run("swap", (*real.all(), *tmp.all()), ())
 
     async def snapshot(self, queue: str) -> QueueSnapshot:

@@ -22,8 +22,9 @@ import aiosqlite
 import orjson
 
 from app.errors import BrokerError, JournalUnavailable, QueueNotFound
-from app.models import Event, Message, MessageStatus, NewMessage, Queue, QueueSettings, Role, User
+from app.models import Event, Message, MessageStatus, NewMessage, PublishResult, Queue, QueueSettings, Role, User
 from app.stores import journal_ops as ops
+from app.stores import message_ops as mops
 from app.stores.journal_tx import (
     MESSAGE_COLUMNS,
     Counters,
@@ -49,6 +50,15 @@ class _Op:
     future: asyncio.Future[Any]
     ids: tuple[int, ...] = ()
     alone: bool = False  # queue and user changes commit in a transaction of their own
+    idempotency_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A message after a change, with the name of the queue it was in before (a dead-letter or redrive moves it)."""
+
+    message: Message
+    from_queue: str
 
 
 @dataclass
@@ -224,37 +234,68 @@ class SqliteJournalStore:
     async def purge_queue(self, queue: Queue, actor: str) -> int:
         return await self._submit(lambda tx: ops.purge_queue(tx, queue, self.counts(queue), actor), alone=True)
 
-    async def publish(self, queue: Queue, items: list[NewMessage], actor: str) -> list[Message]:
-        rows: list[Row] = await self._submit(lambda tx: ops.publish(tx, queue, items, actor))
-        return [message_from_row(r, queue.name) for r in rows]
+    async def publish(self, queue: Queue, items: list[NewMessage], actor: str) -> list[PublishResult]:
+        keys = tuple(mops.scope_key(queue, i.idempotency_key) for i in items if i.idempotency_key is not None)
+        outcomes: list[tuple[PublishResult, Row | None]] = await self._submit(
+            lambda tx: mops.publish(tx, queue, items, actor), idempotency_keys=keys
+        )
+        return [result for result, _ in outcomes]
 
     async def record_deliveries(
         self, queue: Queue, ids: list[int], lease_expires_at: float, actor: str
     ) -> tuple[list[Message], list[tuple[int, float | None]]]:
-        outcome: ops.DeliveryOutcome = await self._submit(
-            lambda tx: ops.record_deliveries(tx, queue, ids, lease_expires_at, actor), ids=ids
+        outcome: mops.DeliveryOutcome = await self._submit(
+            lambda tx: mops.record_deliveries(tx, queue, ids, lease_expires_at, actor), ids=ids
         )
         return [message_from_row(r, queue.name) for r in outcome.delivered], outcome.refused
 
     async def ack(self, message_id: int, lease_id: str | None, actor: str) -> Message:
-        row: Row = await self._submit(lambda tx: ops.ack(tx, message_id, lease_id, actor), ids=(message_id,))
+        row: Row = await self._submit(lambda tx: mops.ack(tx, message_id, lease_id, actor), ids=(message_id,))
         return self._message(row)
 
-    async def nack(
-        self, message_id: int, lease_id: str | None, requeue: bool, reason: str | None, actor: str
-    ) -> Message:
-        def apply(tx: Tx) -> Row:
-            row = tx.rows.get(message_id)
-            queue = tx.queues_by_id.get(row["queue_id"]) if row else None
-            if row is None or queue is None:
-                return ops.ack(tx, message_id, lease_id, actor)  # raises the right not-found / conflict
-            return ops.nack(tx, queue, message_id, lease_id, requeue, reason, actor)
+    async def nack(self, message_id: int, lease_id: str | None, requeue: bool, delay: float, reason: str | None,
+                   actor: str) -> Transition:
+        moved: mops.Moved = await self._submit(
+            lambda tx: mops.nack(tx, message_id, lease_id, requeue, delay, reason, actor), ids=(message_id,)
+        )
+        return self._transition(moved)
 
-        return self._message(await self._submit(apply, ids=(message_id,)))
+    async def extend(self, message_id: int, lease_id: str | None, seconds: float, actor: str) -> Message:
+        row: Row = await self._submit(lambda tx: mops.extend(tx, message_id, lease_id, seconds, actor),
+                                      ids=(message_id,))
+        return self._message(row)
 
-    async def expire_leases(self, ids: list[int]) -> list[Message]:
-        rows: list[Row] = await self._submit(lambda tx: ops.expire_leases(tx, tx.queues_by_id, ids), ids=ids)
-        return [self._message(r) for r in rows]
+    async def expire_leases(self, ids: list[int]) -> list[Transition]:
+        moved: list[mops.Moved] = await self._submit(lambda tx: mops.expire_leases(tx, ids), ids=ids)
+        return [self._transition(m) for m in moved]
+
+    async def promote_delayed(self, ids: list[int]) -> int:
+        return len(await self._submit(lambda tx: mops.promote_delayed(tx, ids), ids=ids))
+
+    async def redrive(self, queue: Queue, limit: int, actor: str) -> list[Transition]:
+        ids = [r[0] for r in await self._read(SQL["redrivable_ids"], queue_id=queue.id, limit=limit)]
+        moved: list[mops.Moved] = await self._submit(lambda tx: mops.redrive(tx, queue, ids, actor), ids=ids)
+        return [self._transition(m) for m in moved]
+
+    async def prune_expired(self, now: float, limit: int = 1000) -> int:
+        """Delete terminal messages past their queue's retention; returns how many went."""
+        cutoffs = {q.id: now - q.settings.retention_seconds for q in self._queues.values()
+                   if q.settings.retention_seconds}
+        ids: list[int] = []
+        for queue_id, cutoff in cutoffs.items():
+            rows = await self._read(SQL["expired_terminal_ids"], queue_id=queue_id, cutoff=cutoff, limit=limit)
+            ids.extend(r[0] for r in rows)
+        if not ids:
+            return 0
+        pruned: int = await self._submit(lambda tx: mops.prune(tx, ids, cutoffs), ids=ids)
+        return pruned
+
+    async def prune_idempotency_keys(self, before: float) -> None:
+        await self._submit(lambda tx: tx.execute(SQL["delete_idempotency_keys_before"], cutoff=before), alone=True)
+
+    def _transition(self, moved: mops.Moved) -> Transition:
+        source = self._queues.get(moved.from_queue_id)
+        return Transition(self._message(moved.row), source.name if source else "")
 
     async def add_user(self, username: str, password_hash: str, roles: Iterable[Role]) -> None:
         exists = await self.user_with_hash(username) is not None
@@ -265,11 +306,12 @@ class SqliteJournalStore:
         exists = await self.user_with_hash(username) is not None
         await self._submit(lambda tx: ops.remove_user(tx, exists, username), alone=True)
 
-    async def _submit(self, apply: Callable[[Tx], T], *, ids: Iterable[int] = (), alone: bool = False) -> T:
+    async def _submit(self, apply: Callable[[Tx], T], *, ids: Iterable[int] = (), alone: bool = False,
+                      idempotency_keys: tuple[str, ...] = ()) -> T:
         if self._task is None or self._task.done():
             raise JournalUnavailable("The journal is not accepting writes")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._inbox.put(_Op(apply, future, tuple(ids), alone))
+        await self._inbox.put(_Op(apply, future, tuple(ids), alone, idempotency_keys))
         return await future
 
     # -- the writer -------------------------------------------------------------------------------------------
@@ -301,10 +343,12 @@ class SqliteJournalStore:
         saved = Counters(**vars(self._counters))
         try:
             rows = await self._load_rows({i for op in batch for i in op.ids})
+            keys = await self._load_idempotency({k for op in batch for k in op.idempotency_keys})
         except Exception as exc:  # any failure to read means nothing of this batch may be answered as done
             self._fail_batch(batch, exc, saved)
             return
-        tx = Tx(rows=rows, counters=self._counters, queues_by_id=dict(self._queues))
+        tx = Tx(rows=rows, counters=self._counters, queues_by_id=dict(self._queues), counts=self._counts,
+                idempotency=keys)
         outcomes: list[tuple[_Op, Any, BaseException | None]] = []
         for op in batch:
             try:
@@ -345,6 +389,13 @@ class SqliteJournalStore:
         found = await self._writer.execute_fetchall(SQL["select_messages_by_ids"], {"ids": orjson.dumps(list(ids))})
         return {r[0]: row_from_tuple(r) for r in found}
 
+    async def _load_idempotency(self, keys: set[str]) -> dict[str, tuple[int, float, str | None]]:
+        if not keys:
+            return {}
+        assert self._writer is not None
+        found = await self._writer.execute_fetchall(SQL["select_idempotency_keys"], {"keys": orjson.dumps(list(keys))})
+        return {r[0]: (r[1], r[2], r[3]) for r in found}
+
     async def _write(self, tx: Tx) -> None:
         conn = self._writer
         assert conn is not None
@@ -354,6 +405,8 @@ class SqliteJournalStore:
                 await conn.executemany(SQL["insert_message"], tx.inserted)
             if tx.dirty:
                 await conn.executemany(SQL["update_message"], list(tx.dirty.values()))
+            if tx.deleted:
+                await conn.executemany(SQL["delete_message"], [{"id": i} for i in tx.deleted])
             for sql, params in tx.statements:
                 await conn.execute(sql, params)
             if tx.events:
@@ -391,4 +444,4 @@ def _user(row: tuple[Any, ...]) -> User:
     return User(username, frozenset(Role(r) for r in roles.split(",") if r), created_at)
 
 
-__all__ = ["MESSAGE_COLUMNS", "JournalStats", "SqliteJournalStore"]
+__all__ = ["MESSAGE_COLUMNS", "JournalStats", "SqliteJournalStore", "Transition"]

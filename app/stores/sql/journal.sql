@@ -44,6 +44,12 @@ CREATE TABLE IF NOT EXISTS users (
     roles TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    scope_key TEXT PRIMARY KEY,  -- '<queue_id>:<Idempotency-Key>'
+    message_id INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_at);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
 
 -- name: schema_version
@@ -115,6 +121,31 @@ WHERE queue_id = :queue_id AND status = :status AND id > :after_id ORDER BY id L
 
 -- name: oldest_pending
 SELECT created_at FROM messages WHERE queue_id = :queue_id AND status = 'pending' ORDER BY id LIMIT 1;
+
+-- name: delete_message
+DELETE FROM messages WHERE id = :id;
+
+-- name: select_idempotency_keys
+SELECT k.scope_key, k.message_id, k.created_at, m.status
+FROM idempotency_keys k LEFT JOIN messages m ON m.id = k.message_id
+WHERE k.scope_key IN (SELECT value FROM json_each(:keys));
+
+-- name: upsert_idempotency_key
+INSERT INTO idempotency_keys (scope_key, message_id, created_at) VALUES (:scope_key, :message_id, :created_at)
+ON CONFLICT (scope_key) DO UPDATE SET message_id = excluded.message_id, created_at = excluded.created_at;
+
+-- name: delete_idempotency_keys_before
+DELETE FROM idempotency_keys WHERE created_at < :cutoff;
+
+-- name: redrivable_ids
+SELECT id FROM messages
+WHERE queue_id = :queue_id AND (status = 'failed' OR (status = 'pending' AND dead_lettered_from IS NOT NULL))
+ORDER BY id LIMIT :limit;
+
+-- name: expired_terminal_ids
+SELECT id FROM messages
+WHERE queue_id = :queue_id AND status IN ('processed', 'failed') AND updated_at < :cutoff
+ORDER BY id LIMIT :limit;
 
 -- name: insert_event
 INSERT INTO events (seq, ts, type, queue, message_id, actor, data)

@@ -1,0 +1,233 @@
+"""Work-queue semantics: dead letters and redrive, delays, extend, idempotency, backpressure, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import ApiClient
+
+
+@pytest.fixture
+async def admin(client: ApiClient) -> dict[str, str]:
+    return await client.auth()
+
+
+async def make_queue(client: ApiClient, headers: dict[str, str], name: str, **settings: Any) -> None:
+    response = await client.post("/queues", json={"name": name, **settings}, headers=headers)
+    assert response.status_code == 201, response.text
+
+
+async def publish(client: ApiClient, headers: dict[str, str], queue: str, content: Any = "x", **extra: Any) -> Any:
+    response = await client.post(f"/queues/{queue}/messages", json={"content": content, **extra}, headers=headers)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def consume(client: ApiClient, headers: dict[str, str], queue: str, **body: Any) -> list[dict[str, Any]]:
+    response = await client.post(f"/queues/{queue}/messages/consume", json=body, headers=headers)
+    assert response.status_code == 200, response.text
+    return list(response.json()["messages"])
+
+
+async def history_types(client: ApiClient, headers: dict[str, str], message_id: int) -> list[str]:
+    events = (await client.get(f"/messages/{message_id}/history", headers=headers)).json()["events"]
+    return [e["type"] for e in events]
+
+
+async def test_past_max_deliveries_a_message_moves_to_the_dead_letter_queue_and_redrive_brings_it_back(
+    client: ApiClient, admin: dict[str, str]
+) -> None:
+    await make_queue(client, admin, "dlq")
+    await make_queue(client, admin, "work", max_deliveries=2, dead_letter_queue="dlq")
+    message_id = (await publish(client, admin, "work", {"job": 1}))["message_id"]
+    for attempt in range(2):
+        [delivery] = await consume(client, admin, "work")
+        nack = await client.post(f"/messages/{message_id}/nack",
+                                 json={"requeue": True, "reason": f"boom {attempt}"}, headers=admin)
+        assert nack.status_code == 200
+    assert nack.json()["dead_letter_queue"] == "dlq" and nack.json()["status"] == "pending"
+    assert await consume(client, admin, "work") == []
+
+    message = (await client.get(f"/messages/{message_id}", headers=admin)).json()
+    assert message["queue"] == "dlq" and message["dead_lettered_from"] == "work"
+    assert "delivery limit of 2" in message["last_error"] and "boom 1" in message["last_error"]
+    types = await history_types(client, admin, message_id)
+    assert types.count("message.delivered") == 2 and types[-1] == "message.dead_lettered"
+
+    redriven = await client.post("/queues/dlq/redrive", headers=admin)
+    assert redriven.status_code == 200 and redriven.json() == {"moved": 1}
+    assert await consume(client, admin, "dlq") == []
+    [again] = await consume(client, admin, "work")
+    assert again["id"] == message_id and again["delivery_count"] == 1 and again["dead_lettered_from"] is None
+    assert (await client.post(f"/messages/{message_id}/ack", json={"lease_id": again["lease_id"]},
+                              headers=admin)).status_code == 200
+    assert (await history_types(client, admin, message_id))[-3:] == [
+        "message.redriven", "message.delivered", "message.acked"]
+
+
+async def test_redrive_returns_failed_messages_of_a_plain_queue_to_pending(
+    client: ApiClient, admin: dict[str, str]
+) -> None:
+    await make_queue(client, admin, "plain")
+    ids = [(await publish(client, admin, "plain", n))["message_id"] for n in range(3)]
+    for delivery in await consume(client, admin, "plain", max=3):
+        await client.post(f"/messages/{delivery['id']}/nack", json={"reason": "bad"}, headers=admin)
+    assert (await client.get("/queues/plain", headers=admin)).json()["counts"]["failed"] == 3
+    assert (await client.post("/queues/plain/redrive", json={"limit": 2}, headers=admin)).json() == {"moved": 2}
+    assert [d["id"] for d in await consume(client, admin, "plain", max=10)] == ids[:2]
+
+
+async def test_a_lease_that_runs_out_at_the_delivery_limit_dead_letters_the_message(
+    client: ApiClient, admin: dict[str, str]
+) -> None:
+    await make_queue(client, admin, "dl2")
+    await make_queue(client, admin, "once", max_deliveries=1, dead_letter_queue="dl2")
+    message_id = (await publish(client, admin, "once"))["message_id"]
+    await consume(client, admin, "once", visibility_timeout=0.2)
+    [moved] = await consume(client, admin, "dl2", wait=5)
+    assert moved["id"] == message_id and moved["dead_lettered_from"] == "once"
+
+
+async def test_delayed_messages_are_not_delivered_before_they_are_due_and_are_delivered_promptly_after(
+    client: ApiClient, admin: dict[str, str]
+) -> None:
+    await make_queue(client, admin, "later")
+    published = await publish(client, admin, "later", "soon", delay_seconds=1.0)
+    assert published["status"] == "delayed"
+    queue = (await client.get("/queues/later", headers=admin)).json()
+    assert queue["counts"]["delayed"] == 1
+    started = time.monotonic()
+    assert await consume(client, admin, "later") == []
+    [delivery] = await consume(client, admin, "later", wait=10)
+    waited = time.monotonic() - started
+    assert delivery["id"] == published["message_id"]
+    assert 0.9 <= waited < 5, waited  # due after 1 s; delivered within a few promoter ticks
+    assert await history_types(client, admin, delivery["id"]) == [
+        "message.published", "message.requeued", "message.delivered"]
+
+
+async def test_nack_with_a_delay_holds_the_message_back_until_then(client: ApiClient, admin: dict[str, str]) -> None:
+    await make_queue(client, admin, "retry")
+    message_id = (await publish(client, admin, "retry"))["message_id"]
+    await consume(client, admin, "retry")
+    nack = await client.post(f"/messages/{message_id}/nack", json={"requeue": True, "delay_seconds": 0.8},
+                             headers=admin)
+    assert nack.json()["status"] == "delayed"
+    assert await consume(client, admin, "retry") == []
+    [again] = await consume(client, admin, "retry", wait=10)
+    assert again["id"] == message_id and again["delivery_count"] == 2
+
+
+async def test_extend_keeps_the_lease_past_its_first_deadline(client: ApiClient, admin: dict[str, str]) -> None:
+    await make_queue(client, admin, "long")
+    message_id = (await publish(client, admin, "long"))["message_id"]
+    [delivery] = await consume(client, admin, "long", visibility_timeout=0.5)
+    extended = await client.post(f"/messages/{message_id}/extend",
+                                 json={"lease_id": delivery["lease_id"], "visibility_timeout": 30}, headers=admin)
+    assert extended.status_code == 200 and extended.json()["lease_expires_at"] > delivery["lease_expires_at"]
+    await asyncio.sleep(1.2)  # past the first deadline: the reaper must leave it alone
+    assert await consume(client, admin, "long") == []
+    ack = await client.post(f"/messages/{message_id}/ack", json={"lease_id": delivery["lease_id"]}, headers=admin)
+    assert ack.status_code == 200
+    stale = await client.post(f"/messages/{message_id}/extend", json={"lease_id": "old", "visibility_timeout": 5},
+                              headers=admin)
+    assert stale.status_code == 409
+
+
+async def test_extend_with_a_stale_lease_is_409(client: ApiClient, admin: dict[str, str]) -> None:
+    await make_queue(client, admin, "ext")
+    message_id = (await publish(client, admin, "ext"))["message_id"]
+    await consume(client, admin, "ext")
+    response = await client.post(f"/messages/{message_id}/extend",
+                                 json={"lease_id": "stale", "visibility_timeout": 5}, headers=admin)
+    assert response.status_code == 409 and response.json()["code"] == "stale_lease"
+    missing = await client.post(f"/messages/{message_id}/extend", json={}, headers=admin)
+    assert missing.status_code == 422
+
+
+async def test_the_same_idempotency_key_publishes_once(client: ApiClient, admin: dict[str, str]) -> None:
+    await make_queue(client, admin, "idem")
+    headers = {**admin, "Idempotency-Key": "order-42"}
+    first = await client.post("/queues/idem/messages", json={"content": 1}, headers=headers)
+    second = await client.post("/queues/idem/messages", json={"content": 1}, headers=headers)
+    assert first.status_code == 201 and second.status_code == 200
+    assert second.json()["duplicate"] is True and second.json()["message_id"] == first.json()["message_id"]
+    assert second.json()["status"] == "pending"
+    together = await asyncio.gather(*(client.post("/queues/idem/messages", json={"content": 2},
+                                                  headers={**admin, "Idempotency-Key": "burst"}) for _ in range(10)))
+    assert sorted(r.status_code for r in together) == [200] * 9 + [201]
+    assert len({r.json()["message_id"] for r in together}) == 1
+    assert (await client.get("/queues/idem", headers=admin)).json()["counts"]["pending"] == 2
+
+
+async def test_an_idempotency_key_is_scoped_to_its_queue(client: ApiClient, admin: dict[str, str]) -> None:
+    await make_queue(client, admin, "a")
+    await make_queue(client, admin, "b")
+    headers = {**admin, "Idempotency-Key": "k"}
+    assert (await client.post("/queues/a/messages", json={"content": 1}, headers=headers)).status_code == 201
+    assert (await client.post("/queues/b/messages", json={"content": 1}, headers=headers)).status_code == 201
+
+
+async def test_a_full_queue_answers_429_queue_full_with_retry_after(client: ApiClient, admin: dict[str, str]) -> None:
+    await make_queue(client, admin, "small", max_length=2)
+    await publish(client, admin, "small")
+    await publish(client, admin, "small")
+    full = await client.post("/queues/small/messages", json={"content": 3}, headers=admin)
+    assert full.status_code == 429 and full.json()["code"] == "queue_full" and full.headers["Retry-After"]
+    batch = await client.post("/queues/small/messages/batch", json={"messages": [{"content": 1}]}, headers=admin)
+    assert batch.status_code == 429
+    [delivery] = await consume(client, admin, "small")
+    await client.post(f"/messages/{delivery['id']}/ack", headers=admin)
+    await publish(client, admin, "small")
+
+
+async def test_retention_deletes_terminal_messages_past_their_age(
+    client: ApiClient, admin: dict[str, str], broker: Any
+) -> None:
+    await make_queue(client, admin, "keep", retention_seconds=1)
+    done = (await publish(client, admin, "keep", "done"))["message_id"]
+    waiting = (await publish(client, admin, "keep", "waiting"))["message_id"]
+    [delivery] = await consume(client, admin, "keep")
+    await client.post(f"/messages/{delivery['id']}/ack", headers=admin)
+    assert await broker.apply_retention() == 0  # not old enough yet
+    await asyncio.sleep(1.1)
+    assert await broker.apply_retention() == 1
+    assert (await client.get(f"/messages/{done}", headers=admin)).status_code == 404
+    assert (await client.get(f"/messages/{waiting}", headers=admin)).json()["status"] == "pending"
+    assert (await history_types(client, admin, done))[-1] == "message.deleted"
+    assert (await client.get("/queues/keep", headers=admin)).json()["counts"]["processed"] == 0
+
+
+async def test_a_delay_longer_than_the_queue_keeps_messages_is_422(client: ApiClient, admin: dict[str, str]) -> None:
+    await make_queue(client, admin, "short", retention_seconds=60)
+    response = await client.post("/queues/short/messages", json={"content": 1, "delay_seconds": 61}, headers=admin)
+    assert response.status_code == 422 and response.json()["errors"][0]["field"] == "delay_seconds"
+
+
+async def test_an_idempotency_key_survives_a_restart(settings: Any) -> None:
+    import httpx
+
+    from app.application import create_app
+
+    async def publish_once() -> httpx.Response:
+        app = create_app(settings)
+        async with app.router.lifespan_context(app) as state:
+
+            async def with_state(scope: Any, receive: Any, send: Any) -> None:
+                scope["state"] = dict(state)
+                await app(scope, receive, send)
+
+            async with ApiClient(transport=httpx.ASGITransport(app=with_state), base_url="http://t") as client:
+                headers = await client.auth()
+                if (await client.get("/queues/r", headers=headers)).status_code == 404:
+                    await make_queue(client, headers, "r")
+                return await client.post("/queues/r/messages", json={"content": 1},
+                                         headers={**headers, "Idempotency-Key": "once"})
+
+    first, after_restart = await publish_once(), await publish_once()
+    assert first.status_code == 201 and after_restart.status_code == 200
+    assert after_restart.json()["message_id"] == first.json()["message_id"]
