@@ -154,7 +154,7 @@ async def extend(request: Request, principal: Principal) -> Response:
     message_id = path_int(request, "message_id")
     data = await read_object(request)
     lease_id = text(data, "lease_id") or request.query_params.get("lease_id")
-    if "visibility_timeout" not in data:
+    if data.get("visibility_timeout") is None:
         raise ValidationFailed([{"field": "visibility_timeout", "message": "is required"}])
     seconds = number(data, "visibility_timeout", None, minimum=MIN_VISIBILITY_TIMEOUT, maximum=MAX_DELAY_SECONDS)
     assert seconds is not None

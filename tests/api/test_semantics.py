@@ -231,3 +231,11 @@ async def test_an_idempotency_key_survives_a_restart(settings: Any) -> None:
     first, after_restart = await publish_once(), await publish_once()
     assert first.status_code == 201 and after_restart.status_code == 200
     assert after_restart.json()["message_id"] == first.json()["message_id"]
+
+
+async def test_extend_with_a_null_timeout_is_422(client: ApiClient, admin: dict[str, str]) -> None:
+    await make_queue(client, admin, "nul")
+    message_id = (await publish(client, admin, "nul"))["message_id"]
+    await consume(client, admin, "nul")
+    response = await client.post(f"/messages/{message_id}/extend", json={"visibility_timeout": None}, headers=admin)
+    assert response.status_code == 422

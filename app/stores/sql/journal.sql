@@ -139,7 +139,8 @@ DELETE FROM idempotency_keys WHERE created_at < :cutoff;
 
 -- name: redrivable_ids
 SELECT id FROM messages
-WHERE queue_id = :queue_id AND (status = 'failed' OR (status = 'pending' AND dead_lettered_from IS NOT NULL))
+WHERE queue_id = :queue_id
+  AND (status = 'failed' OR (status = 'pending' AND dead_lettered_from IN (SELECT name FROM queues)))
 ORDER BY id LIMIT :limit;
 
 -- name: expired_terminal_ids
