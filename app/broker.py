@@ -45,49 +45,50 @@ class Broker:
 
     # -- queues ------------------------------------------------------------------------------------------------
 
-    def queue(self, name: str) -> Queue:
-        return self.journal.queue(name)
+    async def queue(self, name: str) -> Queue:
+        return await self.journal.find_queue(name)
 
     async def queue_stats(self, name: str) -> QueueStats:
-        return await self._stats(self.journal.queue(name))
+        return await self._stats(await self.journal.find_queue(name))
 
     async def list_queue_stats(self) -> list[QueueStats]:
         return [await self._stats(q) for q in self.journal.queues()]
 
     async def _stats(self, queue: Queue) -> QueueStats:
-        counts = self.journal.counts(queue)
+        counts = await self.journal.counts(queue)
         oldest = await self.journal.oldest_pending_at(queue) if counts[MessageStatus.PENDING.value] else None
         return QueueStats(queue, counts, oldest)
 
     async def create_queue(self, name: str, settings: QueueSettings, actor: str) -> QueueStats:
-        self._check_dead_letter_queue(name, settings)
+        await self._check_dead_letter_queue(name, settings)
         queue = await self.journal.create_queue(name, settings, actor)
         return await self._stats(queue)
 
     async def update_queue(self, name: str, changes: dict[str, Any], actor: str) -> QueueStats:
-        queue = self.journal.queue(name)
+        queue = await self.journal.find_queue(name)
         settings = QueueSettings(**{**queue.settings.as_dict(), **changes})
-        self._check_dead_letter_queue(name, settings)
+        await self._check_dead_letter_queue(name, settings)
         return await self._stats(await self.journal.update_queue(queue, settings, actor))
 
-    def _check_dead_letter_queue(self, name: str, settings: QueueSettings) -> None:
+    async def _check_dead_letter_queue(self, name: str, settings: QueueSettings) -> None:
         dlq = settings.dead_letter_queue
         if dlq is None:
             return
+        await self.journal.refresh()
         if dlq == name:
             raise ValidationFailed([{"field": "dead_letter_queue", "message": "a queue cannot be its own DLQ"}])
         if all(q.name != dlq for q in self.journal.queues()):
             raise ValidationFailed([{"field": "dead_letter_queue", "message": f"queue '{dlq}' does not exist"}])
 
     async def delete_queue(self, name: str, actor: str) -> int:
-        queue = self.journal.queue(name)
+        queue = await self.journal.find_queue(name)
         async with self.gate.exclusive():
             deleted = await self.journal.delete_queue(queue, actor)
             await self._redis_after_commit(self.redis.drop_queue(name))
         return deleted
 
     async def purge_queue(self, name: str, actor: str) -> int:
-        queue = self.journal.queue(name)
+        queue = await self.journal.find_queue(name)
         async with self.gate.exclusive():
             purged = await self.journal.purge_queue(queue, actor)
             await self._redis_after_commit(self.redis.purge(name))
@@ -97,7 +98,7 @@ class Broker:
 
     async def publish(self, name: str, items: list[NewMessage], actor: str) -> list[PublishResult]:
         """Journal first (answered only once durable), then hand the ids to Redis."""
-        queue = self.journal.queue(name)
+        queue = await self.journal.find_queue(name)
         if not self.recovery.redis_up:
             raise RedisUnavailable("Redis is unavailable; nothing was published, retry later")
         results = await self.journal.publish(queue, items, actor)
@@ -114,7 +115,7 @@ class Broker:
         actor: str,
     ) -> list[Delivery]:
         """Hand up to `max_messages` ready messages to one caller, each under a fresh lease."""
-        queue = self.journal.queue(name)
+        queue = await self.journal.find_queue(name)
         lease_seconds = visibility_timeout if visibility_timeout is not None else queue.settings.visibility_timeout
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + min(wait, MAX_WAIT_SECONDS)
@@ -218,7 +219,7 @@ class Broker:
 
     async def redrive(self, name: str, limit: int, actor: str) -> int:
         """Failed messages back to pending; on a dead-letter queue, its messages back to where they came from."""
-        queue = self.journal.queue(name)
+        queue = await self.journal.find_queue(name)
         changes = await self.journal.redrive(queue, limit, actor)
         async with self.gate.shared():
             for change in changes:
@@ -234,7 +235,7 @@ class Broker:
 
     async def browse(self, name: str, status: MessageStatus | None, after_id: int, limit: int) -> list[Message]:
         """Read a queue's messages by id; changes nothing."""
-        return await self.journal.browse(self.journal.queue(name), status, after_id, limit)
+        return await self.journal.browse(await self.journal.find_queue(name), status, after_id, limit)
 
     # -- background work ---------------------------------------------------------------------------------------
 

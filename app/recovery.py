@@ -60,7 +60,7 @@ class Reconciler:
         async with self.gate.exclusive():
             queues = self.journal.queues()
             for queue in queues:
-                counts = self.journal.counts(queue)
+                counts = await self.journal.counts(queue)
                 ready += counts[MessageStatus.PENDING.value]
                 processing += counts[MessageStatus.PROCESSING.value]
                 await self.redis.rebuild(queue.name, self._pending(queue), self._leased(queue), self._delayed(queue))

@@ -31,6 +31,8 @@ class BackgroundTasks:
         self._start("delay-promoter", self._when_redis_up(self.broker.promote_delayed),
                     settings.promoter_interval_seconds)
         self._start("retention", self.broker.apply_retention, settings.retention_interval_seconds)
+        # Other broker processes on the same journal may change queues: pick their changes up.
+        self._start("journal-refresh", self.broker.journal.refresh, settings.redis_check_interval_seconds)
         return self
 
     async def __aexit__(

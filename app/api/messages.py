@@ -59,7 +59,7 @@ def parse_message(data: Any, max_bytes: int, queue: Queue, where: str = "", key:
 @requires(Role.PRODUCER)
 async def publish(request: Request, principal: Principal) -> Response:
     app = state(request)
-    queue = app["broker"].queue(queue_name(request.path_params["queue"]))
+    queue = await app["broker"].queue(queue_name(request.path_params["queue"]))
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise ValidationFailed([{"field": "Idempotency-Key", "message": f"must be 1-{MAX_IDEMPOTENCY_KEY} characters"}])
@@ -76,7 +76,7 @@ async def publish(request: Request, principal: Principal) -> Response:
 @requires(Role.PRODUCER)
 async def publish_batch(request: Request, principal: Principal) -> Response:
     app = state(request)
-    queue = app["broker"].queue(queue_name(request.path_params["queue"]))
+    queue = await app["broker"].queue(queue_name(request.path_params["queue"]))
     messages = (await read_object(request)).get("messages")
     if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_BATCH:
         raise ValidationFailed([{"field": "messages", "message": f"must be a list of 1 to {MAX_BATCH} messages"}])

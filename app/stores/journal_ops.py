@@ -6,6 +6,7 @@ change in the batch it shares with others. Each accepted change journals exactly
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -47,12 +48,14 @@ def update_queue(tx: Tx, queue: Queue, settings: QueueSettings, actor: str) -> Q
     return updated
 
 
-def delete_queue(tx: Tx, queue: Queue, counts: dict[str, int], actor: str) -> int:
+def delete_queue(tx: Tx, queue: Queue, actor: str) -> int:
     """Delete a queue and all its messages: one event with how many went. Runs alone in its transaction."""
     tx.require_queue(queue)
+    counts: Counter[str] = tx.counts.get(queue.id, Counter())
     del tx.queues_by_id[queue.id]
     tx.execute(SQL["delete_queue_messages"], queue_id=queue.id)
     tx.execute(SQL["delete_queue"], id=queue.id)
+    tx.execute(SQL["delete_queue_counts"], queue_id=queue.id)
     for status, n in counts.items():
         tx.count_deltas[(queue.id, status)] -= n
     deleted = sum(counts.values())
@@ -60,9 +63,10 @@ def delete_queue(tx: Tx, queue: Queue, counts: dict[str, int], actor: str) -> in
     return deleted
 
 
-def purge_queue(tx: Tx, queue: Queue, counts: dict[str, int], actor: str) -> int:
+def purge_queue(tx: Tx, queue: Queue, actor: str) -> int:
     """Delete a queue's pending and delayed messages (not those being processed). Runs alone in its transaction."""
     tx.require_queue(queue)
+    counts: Counter[str] = tx.counts.get(queue.id, Counter())
     tx.execute(SQL["purge_queue_messages"], queue_id=queue.id)
     purged = 0
     for status in (MessageStatus.PENDING.value, MessageStatus.DELAYED.value):  # processing ones stay

@@ -1,8 +1,8 @@
 """The journal: SQLite in WAL mode, the source of truth for queues, messages, events and users.
 
-One writer task owns every write. Concurrent callers' operations are applied to one transaction and committed
-together (group commit: one fsync per batch with `synchronous=FULL`), and each caller is answered only once that
-transaction is durable. Reads use a second connection and never wait for the writer.
+Every write goes through the process's JournalWriter (group commit: one fsync per batch with `synchronous=FULL`,
+each caller answered only once its batch is durable; safe with several processes on one journal). Reads use a
+second connection and never wait for the writer.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,38 +17,26 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiosqlite
-import orjson
 
-from app.errors import BrokerError, JournalUnavailable, QueueNotFound
+from app.errors import JournalUnavailable, QueueNotFound
 from app.models import Event, Message, MessageStatus, NewMessage, PublishResult, Queue, QueueSettings, Role, User
 from app.stores import journal_ops as ops
 from app.stores import message_ops as mops
 from app.stores.journal_tx import (
     MESSAGE_COLUMNS,
-    Counters,
     Row,
     Tx,
     event_from_row,
-    event_params,
     message_from_row,
     queue_from_row,
     row_from_tuple,
 )
+from app.stores.journal_writer import EventListener, JournalStats, JournalWriter, Op
 from app.stores.sql_blocks import load
 
 log = logging.getLogger(__name__)
 SQL = load("journal.sql")
 T = TypeVar("T")
-EventListener = Callable[[list[Event]], None]
-
-
-@dataclass
-class _Op:
-    apply: Callable[[Tx], Any]
-    future: asyncio.Future[Any]
-    ids: tuple[int, ...] = ()
-    alone: bool = False  # queue and user changes commit in a transaction of their own
-    idempotency_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,15 +47,6 @@ class Transition:
     from_queue: str
 
 
-@dataclass
-class JournalStats:
-    commits: int = 0
-    operations: int = 0
-    last_batch_size: int = 0
-    last_commit_seconds: float = 0.0
-    last_error: str | None = None
-
-
 class SqliteJournalStore:
     """Async journal store; open it with `async with`. One process owns a journal file at a time."""
 
@@ -78,16 +55,10 @@ class SqliteJournalStore:
         self.sync = sync
         self.batch_max = batch_max
         self.read_only = read_only
-        self.stats = JournalStats()
-        self.healthy = True
-        self._listeners: list[EventListener] = []
-        self._writer: aiosqlite.Connection | None = None
+        self._conn: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._inbox: asyncio.Queue[_Op | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._queues: dict[int, Queue] = {}
-        self._counts: dict[int, Counter[str]] = {}
-        self._counters = Counters(0, 0, 0)
+        self._writer: JournalWriter | None = None
+        self._read_queues: dict[int, Queue] = {}  # read-only mode's queue list
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -104,45 +75,62 @@ class SqliteJournalStore:
             uri = f"file:{self.path}?mode=ro"
             self._reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
             await self._reader.execute("PRAGMA busy_timeout = 5000")
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-            for pragma in ("journal_mode = WAL", f"synchronous = {self.sync.upper()}", "busy_timeout = 5000"):
-                await self._writer.execute(f"PRAGMA {pragma}")
-            await self._writer.executescript(SQL["schema"])
-            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._reader.execute("PRAGMA query_only = 1")
-        reader = self._reader
-        async with reader.execute(SQL["max_ids"]) as cur:
-            row = await cur.fetchone()
-            assert row is not None
-            self._counters = Counters(message_id=row[0], seq=row[1], queue_id=row[2])
-        queue_rows = await reader.execute_fetchall(SQL["select_queues"])
-        self._queues = {q.id: q for q in (queue_from_row(tuple(r)) for r in queue_rows)}
-        self._counts = {queue_id: Counter() for queue_id in self._queues}
-        for queue_id, status, n in await reader.execute_fetchall(SQL["count_by_queue_status"]):
-            self._counts.setdefault(queue_id, Counter())[status] = n
-        if not self.read_only:
-            self._task = asyncio.create_task(self._write_loop(), name="journal-writer")
+            await self.refresh()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = await aiosqlite.connect(self.path, isolation_level=None)
+        for pragma in ("journal_mode = WAL", f"synchronous = {self.sync.upper()}", "busy_timeout = 10000"):
+            await self._conn.execute(f"PRAGMA {pragma}")
+        self._writer = JournalWriter(self._conn, self.path.with_name(self.path.name + ".lock"),
+                                     batch_max=self.batch_max)
+        async with self._writer.locked():
+            await self._conn.executescript(SQL["schema"])
+        await self._writer.start()
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._reader.execute("PRAGMA query_only = 1")
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._task is not None:
-            await self._inbox.put(None)  # the writer drains what was queued before this, then stops
-            await self._task
-            self._task = None
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
         await self._close_connections()
 
     async def _close_connections(self) -> None:
-        for conn in (self._writer, self._reader):
+        for conn in (self._conn, self._reader):
             if conn is not None:
                 await conn.close()
-        self._writer = self._reader = None
+        self._conn = self._reader = None
+
+    @property
+    def stats(self) -> JournalStats:
+        return self._writer.stats if self._writer else JournalStats()
+
+    @property
+    def healthy(self) -> bool:
+        return self._writer.healthy if self._writer else True
 
     def add_listener(self, listener: EventListener) -> None:
         """Called with each committed batch's events, after the commit."""
-        self._listeners.append(listener)
+        assert self._writer is not None
+        self._writer.listeners.append(listener)
+
+    @property
+    def _queues(self) -> dict[int, Queue]:
+        return self._writer.state.queues if self._writer else self._read_queues
+
+    async def refresh(self) -> None:
+        """Reload the queue list if another process changed the journal (cheap when nothing changed)."""
+        if self._writer is not None:
+            [(generation,)] = await self._read(SQL["generation"])
+            if generation != self._writer.state.generation:
+                self._writer.state.queues = {q.id: q for q in await self._load_queues()}
+            return
+        self._read_queues = {q.id: q for q in await self._load_queues()}
+
+    async def _load_queues(self) -> list[Queue]:
+        return [queue_from_row(tuple(r)) for r in await self._read(SQL["select_queues"])]
 
     # -- reads ----------------------------------------------------------------------------------------------------
 
@@ -150,14 +138,23 @@ class SqliteJournalStore:
         return sorted(self._queues.values(), key=lambda q: q.name)
 
     def queue(self, name: str) -> Queue:
+        """A queue this process knows (see `find_queue` for one another process may just have created)."""
         for queue in self._queues.values():
             if queue.name == name:
                 return queue
         raise QueueNotFound(name)
 
-    def counts(self, queue: Queue) -> dict[str, int]:
-        counter = self._counts.get(queue.id, Counter())
-        return {status.value: counter.get(status.value, 0) for status in MessageStatus}
+    async def find_queue(self, name: str) -> Queue:
+        try:
+            return self.queue(name)
+        except QueueNotFound:
+            await self.refresh()
+            return self.queue(name)
+
+    async def counts(self, queue: Queue) -> dict[str, int]:
+        """Messages per status, kept by every commit (no scan)."""
+        found = dict(await self._read(SQL["select_queue_counts"], queue_id=queue.id))
+        return {status.value: int(found.get(status.value, 0)) for status in MessageStatus}
 
     async def oldest_pending_at(self, queue: Queue) -> float | None:
         rows = await self._read(SQL["oldest_pending"], queue_id=queue.id)
@@ -229,10 +226,10 @@ class SqliteJournalStore:
         return await self._submit(lambda tx: ops.update_queue(tx, queue, settings, actor), alone=True)
 
     async def delete_queue(self, queue: Queue, actor: str) -> int:
-        return await self._submit(lambda tx: ops.delete_queue(tx, queue, self.counts(queue), actor), alone=True)
+        return await self._submit(lambda tx: ops.delete_queue(tx, queue, actor), alone=True)
 
     async def purge_queue(self, queue: Queue, actor: str) -> int:
-        return await self._submit(lambda tx: ops.purge_queue(tx, queue, self.counts(queue), actor), alone=True)
+        return await self._submit(lambda tx: ops.purge_queue(tx, queue, actor), alone=True)
 
     async def publish(self, queue: Queue, items: list[NewMessage], actor: str) -> list[PublishResult]:
         keys = tuple(mops.scope_key(queue, i.idempotency_key) for i in items if i.idempotency_key is not None)
@@ -308,135 +305,11 @@ class SqliteJournalStore:
 
     async def _submit(self, apply: Callable[[Tx], T], *, ids: Iterable[int] = (), alone: bool = False,
                       idempotency_keys: tuple[str, ...] = ()) -> T:
-        if self._task is None or self._task.done():
-            raise JournalUnavailable("The journal is not accepting writes")
+        if self._writer is None:
+            raise JournalUnavailable("The journal is open read-only")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._inbox.put(_Op(apply, future, tuple(ids), alone, idempotency_keys))
-        return await future
-
-    # -- the writer -------------------------------------------------------------------------------------------
-
-    async def _write_loop(self) -> None:
-        stopping = False
-        held: _Op | None = None
-        while not stopping:
-            first = held if held is not None else await self._inbox.get()
-            held = None
-            if first is None:
-                break
-            batch = [first]
-            while not first.alone and len(batch) < self.batch_max and not self._inbox.empty():
-                op = self._inbox.get_nowait()
-                if op is None:
-                    stopping = True
-                    break
-                if op.alone:
-                    held = op
-                    break
-                batch.append(op)
-            await self._commit(batch)
-        if held is not None:
-            await self._commit([held])
-
-    async def _commit(self, batch: list[_Op]) -> None:
-        started = time.perf_counter()
-        saved = Counters(**vars(self._counters))
-        try:
-            rows = await self._load_rows({i for op in batch for i in op.ids})
-            keys = await self._load_idempotency({k for op in batch for k in op.idempotency_keys})
-        except Exception as exc:  # any failure to read means nothing of this batch may be answered as done
-            self._fail_batch(batch, exc, saved)
-            return
-        tx = Tx(rows=rows, counters=self._counters, queues_by_id=dict(self._queues), counts=self._counts,
-                idempotency=keys)
-        outcomes: list[tuple[_Op, Any, BaseException | None]] = []
-        for op in batch:
-            try:
-                outcomes.append((op, op.apply(tx), None))
-            except BrokerError as exc:
-                outcomes.append((op, None, exc))
-        try:
-            await self._write(tx)
-        except Exception as exc:  # disk full, I/O error, locked, closed: fail closed, never half-answer
-            self._fail_batch(batch, exc, saved)
-            return
-        self.healthy = True
-        self._queues = tx.queues_by_id
-        for (queue_id, status), delta in tx.count_deltas.items():
-            self._counts.setdefault(queue_id, Counter())[status] += delta
-        for queue_id in list(self._counts):
-            if queue_id not in self._queues:
-                del self._counts[queue_id]
-        self._record(len(batch), time.perf_counter() - started)
-        for op, result, error in outcomes:
-            if op.future.done():  # the caller went away (cancelled); the change is committed regardless
-                continue
-            if error is not None:
-                op.future.set_exception(error)
-            else:
-                op.future.set_result(result)
-        if tx.events:
-            for listener in self._listeners:
-                try:
-                    listener(tx.events)
-                except Exception:  # a listener must never undo or block a commit
-                    log.exception("journal event listener failed")
-
-    async def _load_rows(self, ids: set[int]) -> dict[int, Row]:
-        if not ids:
-            return {}
-        assert self._writer is not None
-        found = await self._writer.execute_fetchall(SQL["select_messages_by_ids"], {"ids": orjson.dumps(list(ids))})
-        return {r[0]: row_from_tuple(r) for r in found}
-
-    async def _load_idempotency(self, keys: set[str]) -> dict[str, tuple[int, float, str | None]]:
-        if not keys:
-            return {}
-        assert self._writer is not None
-        found = await self._writer.execute_fetchall(SQL["select_idempotency_keys"], {"keys": orjson.dumps(list(keys))})
-        return {r[0]: (r[1], r[2], r[3]) for r in found}
-
-    async def _write(self, tx: Tx) -> None:
-        conn = self._writer
-        assert conn is not None
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            if tx.inserted:
-                await conn.executemany(SQL["insert_message"], tx.inserted)
-            if tx.dirty:
-                await conn.executemany(SQL["update_message"], list(tx.dirty.values()))
-            if tx.deleted:
-                await conn.executemany(SQL["delete_message"], [{"id": i} for i in tx.deleted])
-            for sql, params in tx.statements:
-                await conn.execute(sql, params)
-            if tx.events:
-                await conn.executemany(SQL["insert_event"], [event_params(e) for e in tx.events])
-            await conn.execute("COMMIT")
-        except BaseException:
-            try:
-                if conn.in_transaction:
-                    await conn.execute("ROLLBACK")
-            except sqlite3.Error as rollback_error:
-                log.error("journal rollback failed: %s", rollback_error)
-            raise
-
-    def _fail_batch(self, batch: list[_Op], exc: BaseException, saved: Counters) -> None:
-        self._counters.message_id, self._counters.seq, self._counters.queue_id = (
-            saved.message_id, saved.seq, saved.queue_id,
-        )
-        self.healthy = False
-        self.stats.last_error = f"{exc.__class__.__name__}: {exc}"
-        log.error("journal commit failed, %d operations refused: %s", len(batch), exc)
-        error = JournalUnavailable(f"The journal cannot commit right now ({exc.__class__.__name__}); retry later")
-        for op in batch:
-            if not op.future.done():
-                op.future.set_exception(error)
-
-    def _record(self, size: int, seconds: float) -> None:
-        self.stats.commits += 1
-        self.stats.operations += size
-        self.stats.last_batch_size = size
-        self.stats.last_commit_seconds = seconds
+        result: T = await self._writer.submit(Op(apply, future, tuple(ids), alone, idempotency_keys))
+        return result
 
 
 def _user(row: tuple[Any, ...]) -> User:

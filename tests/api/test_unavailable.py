@@ -21,7 +21,7 @@ async def test_a_journal_that_cannot_commit_gives_503_with_retry_after_and_red_r
     headers = await client.auth()
     await client.post("/queues", json={"name": "q"}, headers=headers)
     kept = (await client.post("/queues/q/messages", json={"content": "kept"}, headers=headers)).json()["message_id"]
-    writer = broker.journal._writer
+    writer = broker.journal._conn  # the writing connection
     pages = (await writer.execute_fetchall("PRAGMA page_count"))[0][0]
     await writer.execute(f"PRAGMA max_page_count = {pages}")  # the disk is now full for the journal
 

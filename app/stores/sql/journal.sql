@@ -50,21 +50,53 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_at);
+CREATE TABLE IF NOT EXISTS queue_counts (
+    queue_id INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (queue_id, status)
+);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
 
 -- name: schema_version
 SELECT value FROM meta WHERE key = 'schema_version';
 
--- name: max_ids
+-- name: write_state
 SELECT (SELECT coalesce(max(id), 0) FROM messages),
        (SELECT coalesce(max(seq), 0) FROM events),
-       (SELECT coalesce(max(id), 0) FROM queues);
+       (SELECT coalesce(max(id), 0) FROM queues),
+       (SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'generation');
+
+-- name: generation
+SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'generation';
+
+-- name: set_generation
+INSERT INTO meta (key, value) VALUES ('generation', :generation)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+
+-- name: counts_ready
+SELECT value FROM meta WHERE key = 'counts_ready';
+
+-- name: init_counts
+DELETE FROM queue_counts;
+INSERT INTO queue_counts (queue_id, status, n) SELECT queue_id, status, count(*) FROM messages GROUP BY queue_id, status;
+INSERT OR REPLACE INTO meta (key, value) VALUES ('counts_ready', '1');
+
+-- name: select_counts
+SELECT queue_id, status, n FROM queue_counts WHERE n != 0;
+
+-- name: select_queue_counts
+SELECT status, n FROM queue_counts WHERE queue_id = :queue_id;
+
+-- name: add_count
+INSERT INTO queue_counts (queue_id, status, n) VALUES (:queue_id, :status, :delta)
+ON CONFLICT (queue_id, status) DO UPDATE SET n = n + excluded.n;
+
+-- name: delete_queue_counts
+DELETE FROM queue_counts WHERE queue_id = :queue_id;
 
 -- name: select_queues
 SELECT id, name, created_at, updated_at, settings FROM queues ORDER BY name;
-
--- name: count_by_queue_status
-SELECT queue_id, status, count(*) FROM messages GROUP BY queue_id, status;
 
 -- name: insert_queue
 INSERT INTO queues (id, name, created_at, updated_at, settings)
