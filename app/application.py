@@ -68,6 +68,15 @@ def routes() -> list[Route | Mount]:
     ]
 
 
+def app_from_env() -> Starlette:
+    """The factory each uvicorn worker process calls (`broker serve --workers N`)."""
+    from app.logs import configure_logging
+
+    settings = Settings.from_env()
+    configure_logging(settings)
+    return create_app(settings)
+
+
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[AppState]:

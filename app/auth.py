@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -43,10 +44,18 @@ def load_or_create_secret(configured: str | None, data_dir: Path) -> bytes:
             raise SettingsError(f"BROKER_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes long")
         return secret
     path = data_dir / "jwt_secret"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(48))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:  # created exactly once, even by several broker processes starting together
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(100):  # another process may still be writing it
+            secret = path.read_text().strip().encode()
+            if secret:
+                return secret
+            time.sleep(0.01)
+        raise SettingsError(f"{path} is empty; delete it to have a new secret generated") from None
+    with os.fdopen(fd, "w") as file:
+        file.write(secrets.token_urlsafe(48))
     return path.read_text().strip().encode()
 
 

@@ -78,24 +78,37 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.application import create_app
+    from app.auth import load_or_create_secret
     from app.logs import configure_logging
+    from app.stores.embedded_redis import EmbeddedRedis
     from app.tls import certificate_files
 
     overrides = {f.name: getattr(args, f.name) for f in fields(Settings)}
     settings = Settings.from_env(**_typed(overrides))
     configure_logging(settings)
     tls = certificate_files(settings)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        ssl_certfile=tls[0] if tls else None,
-        ssl_keyfile=tls[1] if tls else None,
-        timeout_graceful_shutdown=30,
-        access_log=False,
-        log_config=None,
+    options: dict[str, Any] = dict(
+        host=settings.host, port=settings.port, log_level=settings.log_level,
+        ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
+        timeout_graceful_shutdown=30, access_log=False, log_config=None,
     )
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return 0
+    # Several worker processes share one journal and one Redis: this process makes what they must share
+    # (the signing secret, the embedded Redis) before they start, and hands them the settings by environment.
+    load_or_create_secret(settings.jwt_secret, settings.data_dir)
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.data_dir)
+        asyncio.run(embedded.__aenter__())
+        settings = settings.with_changes(redis_url=embedded.url)
+    settings.export()
+    try:
+        uvicorn.run("app.application:app_from_env", factory=True, workers=settings.workers, **options)
+    finally:
+        if embedded is not None:
+            embedded.stop()
     return 0
 
 

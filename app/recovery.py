@@ -40,7 +40,7 @@ class Reconciler:
         self.gate = gate
         self.redis_up = False
         self.reconciles = 0
-        self._epoch: str | None = None
+        self._epoch: str | None = None  # "<redis run_id>:<token>" of the last rebuild this process saw
         self._run_id: str | None = None
         self._dirty = True
 
@@ -54,29 +54,66 @@ class Reconciler:
         if not self.redis_up:
             raise RedisUnavailable("Redis is unavailable; retry later")
 
-    async def reconcile(self) -> ReconcileReport:
-        started = time.perf_counter()
-        ready = processing = 0
-        async with self.gate.exclusive():
-            queues = self.journal.queues()
-            for queue in queues:
-                counts = await self.journal.counts(queue)
-                ready += counts[MessageStatus.PENDING.value]
-                processing += counts[MessageStatus.PROCESSING.value]
-                await self.redis.rebuild(queue.name, self._pending(queue), self._leased(queue), self._delayed(queue))
-            known = {q.name for q in queues}
-            leftovers = await self.redis.queue_names() - known
-            for name in leftovers:
-                await self.redis.drop_queue(name)
-            self._epoch = uuid.uuid4().hex
-            await self.redis.set_epoch(self._epoch)
-            self._run_id = await self._redis_run_id()
-            self._dirty = False
-            self.redis_up = True
-            self.reconciles += 1
-        report = ReconcileReport(len(queues), ready, processing, len(leftovers), time.perf_counter() - started)
+    async def reconcile(self, *, force: bool = True) -> ReconcileReport | None:
+        """Rebuild Redis from the journal. With several broker processes on one Redis, one rebuilds at a time;
+        without `force`, a process that finds another has just rebuilt this Redis adopts that instead."""
+        async with self.redis.reconcile_lock():
+            run_id = await self.redis.run_id()
+            epoch = await self.redis.get_epoch()
+            if not force and not self._dirty and epoch is not None and epoch.startswith(run_id + ":"):
+                self._adopt(epoch, run_id)
+                return None
+            async with self.gate.exclusive():
+                report = await self._rebuild(run_id)
         log.info("reconciled Redis with the journal: %s", report)
         return report
+
+    async def _rebuild(self, run_id: str) -> ReconcileReport:
+        started = time.perf_counter()
+        since = await self.journal.last_seq()
+        ready = processing = 0
+        queues = self.journal.queues()
+        for queue in queues:
+            counts = await self.journal.counts(queue)
+            ready += counts[MessageStatus.PENDING.value]
+            processing += counts[MessageStatus.PROCESSING.value]
+            await self.redis.rebuild(queue.name, self._pending(queue), self._leased(queue), self._delayed(queue))
+        known = {q.name for q in queues}
+        leftovers = await self.redis.queue_names() - known
+        for name in leftovers:
+            await self.redis.drop_queue(name)
+        # Other broker processes kept writing while this one rebuilt; a push of theirs that landed before the
+        # swap was replaced by it. Put back every message the journal changed since the rebuild began.
+        await self._catch_up(since)
+        epoch = f"{run_id}:{uuid.uuid4().hex}"
+        await self.redis.set_epoch(epoch)
+        self._adopt(epoch, run_id)
+        self._dirty = False
+        self.reconciles += 1
+        return ReconcileReport(len(queues), ready, processing, len(leftovers), time.perf_counter() - started)
+
+    async def _catch_up(self, since: int) -> None:
+        while True:
+            events = await self.journal.events_after(since, limit=5000)
+            if not events:
+                return
+            since = events[-1].seq
+            ids = sorted({e.message_id for e in events if e.message_id is not None})
+            by_queue: dict[str, tuple[list[int], dict[int, float], dict[int, float]]] = {}
+            for message in await self.journal.get_messages(ids):
+                pending, delayed, leased = by_queue.setdefault(message.queue, ([], {}, {}))
+                if message.status is MessageStatus.PENDING:
+                    pending.append(message.id)
+                elif message.status is MessageStatus.DELAYED:
+                    delayed[message.id] = message.available_at
+                elif message.status is MessageStatus.PROCESSING:
+                    leased[message.id] = message.lease_expires_at or time.time()
+            for queue, (pending, delayed, leased) in by_queue.items():
+                await self.redis.restore(queue, pending, delayed, leased)
+
+    def _adopt(self, epoch: str, run_id: str) -> None:
+        self._epoch, self._run_id = epoch, run_id
+        self.redis_up = True
 
     async def _pending(self, queue: Queue) -> AsyncIterator[list[int]]:
         async for chunk in self.journal.ids_by_status(queue, MessageStatus.PENDING):
@@ -91,30 +128,28 @@ class Reconciler:
         async for chunk in self.journal.ids_by_status(queue, MessageStatus.DELAYED):
             yield [(message_id, available_at) for message_id, _, available_at in chunk]
 
-    async def _redis_run_id(self) -> str:
-        info = await self.redis.redis.info("server")
-        return str(info.get("run_id", ""))
-
     async def watch_once(self) -> bool:
-        """One look at Redis: reconcile if it was lost (no epoch, a restart) or a change after commit failed.
-        Returns whether a reconciliation ran."""
+        """One look at Redis: rebuild it if it was lost (no epoch of this Redis incarnation: emptied, restarted,
+        restored from a snapshot) or a change after a commit failed. Returns whether a rebuild ran."""
         if not await self.redis.ping():
             if self.redis_up:
                 log.error("Redis stopped answering; consume and publish answer 503 until it is back")
             self.redis_up = False
             return False
         try:
-            lost = await self.redis.get_epoch() != self._epoch or await self._redis_run_id() != self._run_id
-            if lost or self._dirty:
-                log.warning("Redis was lost or is behind the journal (lost=%s); rebuilding it", lost)
-                await self.reconcile()
-                return True
+            epoch, run_id = await self.redis.get_epoch(), await self.redis.run_id()
+            current = epoch is not None and epoch.startswith(run_id + ":")
+            if current and not self._dirty:
+                if epoch != self._epoch:  # another broker process rebuilt it
+                    self._adopt(epoch, run_id)  # type: ignore[arg-type]
+                self.redis_up = True
+                return False
+            log.warning("Redis was lost or is behind the journal; rebuilding it")
+            return await self.reconcile(force=self._dirty) is not None
         except (RedisUnavailable, OSError) as exc:
             log.error("Redis check failed: %s", exc)
             self.redis_up = False
             return False
-        self.redis_up = True
-        return False
 
     async def differences(self) -> list[str]:
         """What Redis holds that disagrees with the journal (`broker journal check`); empty when healthy."""

@@ -53,10 +53,8 @@ class Settings:
             raise SettingsError(f"BROKER_TLS must be one of {TLS_MODES}, not {self.tls!r}")
         if bool(self.tls_certfile) != bool(self.tls_keyfile):
             raise SettingsError("BROKER_TLS_CERTFILE and BROKER_TLS_KEYFILE must be set together")
-        if self.workers != 1:
-            raise SettingsError(
-                "BROKER_WORKERS other than 1 is not supported yet: one process owns the journal (see README)"
-            )
+        if not 1 <= self.workers <= 64:
+            raise SettingsError("BROKER_WORKERS must be between 1 and 64")
         for name in ("port", "max_message_bytes", "max_body_bytes", "access_token_seconds", "journal_batch_max"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"BROKER_{name.upper()} must be a positive number")
@@ -94,6 +92,16 @@ class Settings:
 
     def with_changes(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+    def export(self) -> None:
+        """Write these settings to this process's environment as BROKER_* so worker processes read the same."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            key = "BROKER_" + f.name.upper()
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def _convert(key: str, default: Any, raw: str) -> Any:

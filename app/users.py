@@ -7,7 +7,7 @@ import secrets
 from collections.abc import Iterable
 
 from app.auth import hash_password
-from app.errors import ValidationFailed
+from app.errors import UserExists, ValidationFailed
 from app.models import Role, User
 from app.stores.sqlite_journal import SqliteJournalStore
 
@@ -54,5 +54,8 @@ async def ensure_admin(journal: SqliteJournalStore, username: str, password: str
     if not password:
         password = generated = secrets.token_urlsafe(18)
     password_hash = await asyncio.to_thread(hash_password, password)
-    await journal.add_user(username, password_hash, {Role.ADMIN})
+    try:
+        await journal.add_user(username, password_hash, {Role.ADMIN})
+    except UserExists:  # another broker process starting at the same time created it
+        return None
     return generated

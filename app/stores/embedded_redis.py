@@ -135,9 +135,9 @@ class EmbeddedRedis:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-        (self.directory / URL_FILE).unlink(missing_ok=True)
 
     def stop(self) -> None:
+        (self.directory / URL_FILE).unlink(missing_ok=True)
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 PREFIX = "broker"
 EPOCH_KEY = f"{PREFIX}:epoch"
+RECONCILE_LOCK_KEY = f"{PREFIX}:reconcile-lock"
 QUEUE_KEY_PATTERN = f"{PREFIX}:{{*}}:*"
 
 

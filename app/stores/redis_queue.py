@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from app.errors import RedisUnavailable
 from app.stores import keys
 
 REBUILD_CHUNK = 10_000
-_SCRIPTS = ("take", "release", "requeue", "reap", "swap", "promote", "defer")
+_SCRIPTS = ("take", "release", "requeue", "reap", "swap", "promote", "defer", "unlock")
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,42 @@ class RedisQueueStore:
     async def set_epoch(self, epoch: str) -> None:
         async with _translated("epoch"):
             await self.redis.set(keys.EPOCH_KEY, epoch)
+
+    async def run_id(self) -> str:
+        """Changes whenever Redis restarts (even from a snapshot): part of the epoch."""
+        async with _translated("info"):
+            info = await self.redis.info("server")
+        return str(info.get("run_id", ""))
+
+    @asynccontextmanager
+    async def reconcile_lock(self, hold_seconds: float = 120.0) -> AsyncIterator[None]:
+        """One reconciliation at a time across broker processes sharing this Redis."""
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + hold_seconds
+        async with _translated("lock"):
+            while not await self.redis.set(keys.RECONCILE_LOCK_KEY, token, nx=True, px=int(hold_seconds * 1000)):
+                if time.monotonic() > deadline:
+                    raise RedisUnavailable("another broker process holds the reconciliation lock too long")
+                await asyncio.sleep(0.05)
+        try:
+            yield
+        finally:
+            await self._run("unlock", (keys.RECONCILE_LOCK_KEY,), (token,))
+
+    async def restore(self, queue: str, pending: Sequence[int], delayed: dict[int, float],
+                      leased: dict[int, float]) -> None:
+        """Put ids back where the journal says they are (duplicates are refused later by the journal)."""
+        k = keys.queue_keys(queue)
+        async with _translated("restore"):
+            pipe = self.redis.pipeline(transaction=False)
+            if pending:
+                pipe.lpush(k.ready, *pending)
+            if delayed:
+                pipe.zadd(k.delayed, {str(i): _ms(t) for i, t in delayed.items()})
+            if leased:
+                pipe.lpush(k.processing, *leased)
+                pipe.zadd(k.leases, {str(i): _ms(t) for i, t in leased.items()})
+            await pipe.execute()
 
     # -- hand-off --------------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiosqlite
+import orjson
 
 from app.errors import JournalUnavailable, QueueNotFound
 from app.models import Event, Message, MessageStatus, NewMessage, PublishResult, Queue, QueueSettings, Role, User
@@ -166,6 +167,14 @@ class SqliteJournalStore:
 
     async def history(self, message_id: int) -> list[Event]:
         return [event_from_row(r) for r in await self._read(SQL["message_events"], message_id=message_id)]
+
+    async def last_seq(self) -> int:
+        [(seq,)] = await self._read("SELECT coalesce(max(seq), 0) FROM events")
+        return int(seq)
+
+    async def get_messages(self, ids: list[int]) -> list[Message]:
+        rows = await self._read(SQL["select_messages_by_ids"], ids=orjson.dumps(ids).decode())
+        return [self._message(row_from_tuple(r)) for r in rows]
 
     async def events_after(self, seq: int, limit: int = 1000) -> list[Event]:
         return [event_from_row(r) for r in await self._read(SQL["events_after"], after_seq=seq, limit=limit)]
