@@ -61,7 +61,8 @@ async def test_two_broker_processes_sharing_journal_and_redis_deliver_each_messa
         urls = [first.url, second.url]
         headers = {"Authorization": f"Bearer {token(first.url)}"}
         async with httpx.AsyncClient() as client:
-            assert (await client.post(f"{first.url}/queues", json={"name": "shared"}, headers=headers)).status_code == 201
+            created = await client.post(f"{first.url}/queues", json={"name": "shared"}, headers=headers)
+            assert created.status_code == 201
             # the second process learns of the queue another process created
             assert (await client.get(f"{second.url}/queues/shared", headers=headers)).status_code == 200
         published = await publish_all(urls, headers, "shared")
