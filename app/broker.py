@@ -101,11 +101,13 @@ class Broker:
         queue = await self.journal.find_queue(name)
         if not self.recovery.redis_up:
             raise RedisUnavailable("Redis is unavailable; nothing was published, retry later")
-        results = await self.journal.publish(queue, items, actor)
-        fresh = [r for r in results if not r.duplicate]
-        ready = [r.message_id for r in fresh if r.status is MessageStatus.PENDING]
-        due = {r.message_id: r.available_at for r in fresh if r.status is MessageStatus.DELAYED}
+        # The gate spans the commit and the push, so a rebuild of Redis sees the message either in the journal
+        # and not yet pushed (and pushes it itself) or pushed; never pushed twice.
         async with self.gate.shared():
+            results = await self.journal.publish(queue, items, actor)
+            fresh = [r for r in results if not r.duplicate]
+            ready = [r.message_id for r in fresh if r.status is MessageStatus.PENDING]
+            due = {r.message_id: r.available_at for r in fresh if r.status is MessageStatus.DELAYED}
             await self._redis_after_commit(self.redis.enqueue(queue.name, ready))
             await self._redis_after_commit(self.redis.schedule(queue.name, due))
         return results
@@ -122,19 +124,25 @@ class Broker:
         while True:
             self.recovery.require_redis()
             lease_deadline = time.time() + lease_seconds
-            async with self.gate.shared():
+            async with self.gate.shared():  # spans the take and its journal record, as publish does
                 try:
                     ids = await self.redis.take(queue.name, max_messages, lease_deadline)
                 except RedisUnavailable:
                     self.recovery.mark_dirty()
                     raise
+                deliveries = await self._record_deliveries(queue, ids, lease_deadline, actor) if ids else []
             remaining = give_up_at - loop.time()
             if not ids and remaining > 0:
+                # Blocking outside the gate: a rebuild must not wait for long polls. If one ran meanwhile, the
+                # id it took may have been put back in ready by it: take it back under its lease.
+                rebuilds = self.recovery.reconciles
                 lease_deadline, taken = await self._wait_take(queue, remaining, lease_seconds)
-                ids = [taken] if taken is not None else []
-            if not ids:
-                return []
-            deliveries = await self._record_deliveries(queue, ids, lease_deadline, actor)
+                if taken is None:
+                    return []
+                async with self.gate.shared():
+                    deliveries = await self._record_deliveries(queue, [taken], lease_deadline, actor)
+                    if deliveries and self.recovery.reconciles != rebuilds:
+                        await self._redis_after_commit(self.redis.hold(queue.name, taken, lease_deadline))
             if deliveries or give_up_at - loop.time() <= 0:
                 return deliveries
 
@@ -162,25 +170,25 @@ class Broker:
     async def _record_deliveries(
         self, queue: Queue, ids: list[int], lease_deadline: float, actor: str
     ) -> list[Delivery]:
-        async with self.gate.shared():
-            try:
-                messages, refused = await self.journal.record_deliveries(queue, ids, lease_deadline, actor)
-            except JournalUnavailable:
-                await self._redis_after_commit(self.redis.requeue(queue.name, ids))
-                raise
-            if refused:
-                # Stale copies: drop them, and restore the lease of a legitimate holder of the same id.
-                await self._redis_after_commit(self.redis.release(queue.name, [i for i, _ in refused]))
-                held = {i: d for i, d in refused if d is not None}
-                if held:
-                    await self._redis_after_commit(self.redis.restore_leases(queue.name, held))
+        """Journal deliveries Redis handed out (the caller holds the shared gate)."""
+        try:
+            messages, refused = await self.journal.record_deliveries(queue, ids, lease_deadline, actor)
+        except JournalUnavailable:
+            await self._redis_after_commit(self.redis.requeue(queue.name, ids))
+            raise
+        if refused:
+            # Stale copies: drop them, and restore the lease of a legitimate holder of the same id.
+            await self._redis_after_commit(self.redis.release(queue.name, [i for i, _ in refused]))
+            held = {i: d for i, d in refused if d is not None}
+            if held:
+                await self._redis_after_commit(self.redis.restore_leases(queue.name, held))
         now = time.time()
         return [Delivery(m, m.lease_id or "", m.lease_expires_at or lease_deadline, now) for m in messages]
 
     async def ack(self, message_id: int, lease_id: str | None, actor: str) -> Message:
         """Journal `processed` first; then forget the delivery in Redis."""
-        message = await self.journal.ack(message_id, lease_id, actor)
         async with self.gate.shared():
+            message = await self.journal.ack(message_id, lease_id, actor)
             await self._redis_after_commit(self.redis.release(message.queue, [message_id]))
         return message
 
@@ -189,8 +197,8 @@ class Broker:
         actor: str,
     ) -> Transition:
         """Journal the outcome first (the journal checks the lease), then move the id in Redis to match."""
-        change = await self.journal.nack(message_id, lease_id, requeue, delay, reason, actor)
         async with self.gate.shared():
+            change = await self.journal.nack(message_id, lease_id, requeue, delay, reason, actor)
             await self._redis_after_commit(self._settle_delivery(change))
         return change
 
@@ -209,9 +217,9 @@ class Broker:
 
     async def extend(self, message_id: int, lease_id: str | None, seconds: float, actor: str) -> Message:
         """Journal the new deadline first, then move the lease in Redis (the reaper reads it there)."""
-        message = await self.journal.extend(message_id, lease_id, seconds, actor)
-        assert message.lease_expires_at is not None
         async with self.gate.shared():
+            message = await self.journal.extend(message_id, lease_id, seconds, actor)
+            assert message.lease_expires_at is not None
             await self._redis_after_commit(
                 self.redis.restore_leases(message.queue, {message.id: message.lease_expires_at})
             )
@@ -220,8 +228,8 @@ class Broker:
     async def redrive(self, name: str, limit: int, actor: str) -> int:
         """Failed messages back to pending; on a dead-letter queue, its messages back to where they came from."""
         queue = await self.journal.find_queue(name)
-        changes = await self.journal.redrive(queue, limit, actor)
         async with self.gate.shared():
+            changes = await self.journal.redrive(queue, limit, actor)
             for change in changes:
                 # A copy left in the dead-letter queue's ready list is refused at delivery (wrong queue).
                 await self._redis_after_commit(self.redis.enqueue(change.message.queue, [change.message.id]))

@@ -80,6 +80,7 @@ def serve(args: argparse.Namespace) -> int:
     from app.application import create_app
     from app.auth import load_or_create_secret
     from app.logs import configure_logging
+    from app.metrics import clear_multiprocess_dir
     from app.stores.embedded_redis import EmbeddedRedis
     from app.tls import certificate_files
 
@@ -103,6 +104,8 @@ def serve(args: argparse.Namespace) -> int:
         embedded = EmbeddedRedis(settings.data_dir)
         asyncio.run(embedded.__aenter__())
         settings = settings.with_changes(redis_url=embedded.url)
+    if settings.metrics_dir is not None:
+        clear_multiprocess_dir(settings.metrics_dir)
     settings.export()
     try:
         uvicorn.run("app.application:app_from_env", factory=True, workers=settings.workers, **options)

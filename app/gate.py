@@ -39,6 +39,7 @@ class Gate:
                 await self._changed.wait_for(lambda: not self._exclusive and self._shared == 0)
             finally:
                 self._waiting_exclusive -= 1
+                self._changed.notify_all()  # shared callers held back by this waiter may go (if it gave up)
             self._exclusive = True
         try:
             yield

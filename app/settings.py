@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -58,6 +59,13 @@ class Settings:
         for name in ("port", "max_message_bytes", "max_body_bytes", "access_token_seconds", "journal_batch_max"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"BROKER_{name.upper()} must be a positive number")
+        if self.port > 65535:
+            raise SettingsError("BROKER_PORT must be at most 65535")
+        for f in fields(self):
+            if f.name.endswith("_interval_seconds"):
+                value = getattr(self, f.name)
+                if not (math.isfinite(value) and 0 < value <= 3600):
+                    raise SettingsError(f"BROKER_{f.name.upper()} must be a number of seconds in (0, 3600]")
 
     @property
     def journal_path(self) -> Path:
@@ -66,6 +74,11 @@ class Settings:
     @property
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def metrics_dir(self) -> Path | None:
+        """Where worker processes share metric values (prometheus-client multiprocess mode), if there are several."""
+        return self.data_dir / "metrics" if self.workers > 1 else None
 
     @property
     def uses_tls(self) -> bool:
@@ -102,6 +115,8 @@ class Settings:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = ",".join(value) if isinstance(value, tuple) else str(value)
+        if self.metrics_dir is not None:  # read by prometheus-client itself when it is imported
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir.absolute())
 
 
 def _convert(key: str, default: Any, raw: str) -> Any:

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from app.auth import TokenService
 from app.broker import Broker
-from app.errors import BadRequest, Forbidden, TooLarge, Unauthorized, ValidationFailed
+from app.errors import BadRequest, Forbidden, MessageNotFound, TooLarge, Unauthorized, ValidationFailed
 from app.models import Principal, Role
 from app.settings import Settings
 
@@ -173,12 +173,18 @@ def text(data: dict[str, Any], field: str, *, required: bool = False, max_length
     return value
 
 
-def path_int(request: Request, name: str) -> int:
-    raw = request.path_params[name]
+MAX_ID = 2**63 - 1  # SQLite's INTEGER
+
+
+def message_id_param(request: Request) -> int:
+    raw = request.path_params["message_id"]
     try:
-        return int(raw)
+        message_id = int(raw)
     except (TypeError, ValueError):
-        raise BadRequest(f"'{raw}' is not a valid {name.replace('_', ' ')}", code="invalid_id") from None
+        raise BadRequest(f"'{raw}' is not a valid message id", code="invalid_id") from None
+    if not 0 < message_id <= MAX_ID:
+        raise MessageNotFound(message_id)  # no such id can exist
+    return message_id
 
 
 def check_size(payload: bytes, limit: int, what: str) -> None:

@@ -14,9 +14,9 @@ from app.api.common import (
     check_size,
     flag,
     integer,
+    message_id_param,
     number,
     optional_number,
-    path_int,
     query_number,
     read_object,
     requires,
@@ -116,7 +116,7 @@ async def consume_many(request: Request, principal: Principal) -> Response:
 
 @requires(Role.CONSUMER)
 async def ack(request: Request, principal: Principal) -> Response:
-    message_id = path_int(request, "message_id")
+    message_id = message_id_param(request)
     data = await read_object(request, required=False)
     lease_id = text(data, "lease_id") or request.query_params.get("lease_id")
     message = await state(request)["broker"].ack(message_id, lease_id, principal.username)
@@ -127,7 +127,7 @@ async def ack(request: Request, principal: Principal) -> Response:
 
 @requires(Role.CONSUMER)
 async def nack(request: Request, principal: Principal) -> Response:
-    message_id = path_int(request, "message_id")
+    message_id = message_id_param(request)
     data = await read_object(request, required=False)
     lease_id = text(data, "lease_id") or request.query_params.get("lease_id")
     requeue = flag(request, data, "requeue", False)
@@ -151,7 +151,7 @@ async def nack(request: Request, principal: Principal) -> Response:
 
 @requires(Role.CONSUMER)
 async def extend(request: Request, principal: Principal) -> Response:
-    message_id = path_int(request, "message_id")
+    message_id = message_id_param(request)
     data = await read_object(request)
     lease_id = text(data, "lease_id") or request.query_params.get("lease_id")
     if data.get("visibility_timeout") is None:
@@ -164,7 +164,7 @@ async def extend(request: Request, principal: Principal) -> Response:
 
 @requires()
 async def get_message(request: Request, principal: Principal) -> Response:
-    message_id = path_int(request, "message_id")
+    message_id = message_id_param(request)
     message = await state(request)["broker"].message(message_id)
     if message is None:
         raise MessageNotFound(message_id)
@@ -173,7 +173,7 @@ async def get_message(request: Request, principal: Principal) -> Response:
 
 @requires()
 async def history(request: Request, principal: Principal) -> Response:
-    message_id = path_int(request, "message_id")
+    message_id = message_id_param(request)
     events = await state(request)["broker"].history(message_id)
     if not events:
         raise MessageNotFound(message_id)

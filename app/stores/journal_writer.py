@@ -192,6 +192,7 @@ class JournalWriter:
             return op, None, exc
 
     async def _load_rows(self, ids: set[int]) -> dict[int, Row]:
+        ids = {i for i in ids if 0 < i < 2**63}  # others cannot exist (and would not bind)
         if not ids:
             return {}
         found = await self.conn.execute_fetchall(SQL["select_messages_by_ids"], {"ids": orjson.dumps(list(ids))})

@@ -19,14 +19,17 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from app.errors import RedisUnavailable
 from app.stores import keys
 
 REBUILD_CHUNK = 10_000
-_SCRIPTS = ("take", "release", "requeue", "reap", "swap", "promote", "defer", "unlock")
+_SCRIPTS = ("take", "release", "requeue", "reap", "swap", "promote", "defer", "unlock", "hold")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ class RedisQueueStore:
             socket_connect_timeout=self._timeout,
             health_check_interval=30,
             max_connections=1024,
+            # A pooled connection to a Redis that restarted fails once: retry it on a fresh connection rather
+            # than fail the request (a command that did run twice only duplicates an id, which the journal refuses).
+            retry=Retry(ExponentialBackoff(cap=0.25, base=0.01), retries=2),
+            retry_on_error=[RedisConnectionError],
         )
         lua = resources.files("app.stores") / "lua"
         for name in _SCRIPTS:
@@ -196,6 +203,11 @@ class RedisQueueStore:
             # A crash right here leaves the id in processing with no lease: reconciliation returns it.
             await self.redis.zadd(k.leases, {str(int(moved)): _ms(deadline)})
         return int(moved), deadline
+
+    async def hold(self, queue: str, message_id: int, lease_deadline: float) -> None:
+        """Make `message_id` held under a lease until `lease_deadline`, out of ready."""
+        k = keys.queue_keys(queue)
+        await self._run("hold", (k.ready, k.processing, k.leases), (message_id, _ms(lease_deadline)))
 
     async def release(self, queue: str, ids: Sequence[int]) -> int:
         """Forget deliveries: remove one processing entry and the lease of each id."""

@@ -162,10 +162,14 @@ class SqliteJournalStore:
         return rows[0][0] if rows else None
 
     async def get_message(self, message_id: int) -> Message | None:
+        if not _valid_id(message_id):
+            return None
         rows = await self._read(SQL["select_message"], id=message_id)
         return self._message(row_from_tuple(rows[0])) if rows else None
 
     async def history(self, message_id: int) -> list[Event]:
+        if not _valid_id(message_id):
+            return []
         return [event_from_row(r) for r in await self._read(SQL["message_events"], message_id=message_id)]
 
     async def last_seq(self) -> int:
@@ -319,6 +323,11 @@ class SqliteJournalStore:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         result: T = await self._writer.submit(Op(apply, future, tuple(ids), alone, idempotency_keys))
         return result
+
+
+def _valid_id(message_id: int) -> bool:
+    """Ids are SQLite INTEGERs; another number names no message (and would not bind)."""
+    return 0 < message_id < 2**63
 
 
 def _user(row: tuple[Any, ...]) -> User:

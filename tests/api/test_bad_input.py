@@ -146,6 +146,8 @@ async def test_null_for_a_required_queue_setting_is_422(client: ApiClient, admin
                  "validation_error")
 
 
-async def test_a_visibility_timeout_of_zero_is_422_not_the_queue_default(client: ApiClient, admin: dict[str, str]) -> None:
+async def test_a_visibility_timeout_of_zero_is_422_not_the_queue_default(
+    client: ApiClient, admin: dict[str, str]
+) -> None:
     assert_error(await client.get("/queues/q/messages/consume?visibility_timeout=0", headers=admin), 422,
                  "validation_error")

@@ -76,6 +76,7 @@ class History:
     statuses: Counter[str] = field(default_factory=Counter)  # publish status code (or exception name) -> n
     deliveries: list[Delivered] = field(default_factory=list)
     acked: dict[str, tuple[str, int]] = field(default_factory=dict)  # uid -> (lease_id, order) of a 200 ack
+    refused_consumes: list[str] = field(default_factory=list)  # consume answers other than 200, for the report
     _order: int = 0
 
     def _next(self) -> int:

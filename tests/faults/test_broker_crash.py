@@ -35,12 +35,17 @@ STORM_SECONDS_BEFORE_FAULT = 1.5
 STORM_SECONDS_AFTER_FAULT = 0.5
 SIGTERM_EXIT_BOUND_SECONDS = 15.0
 PDEATHSIG_BOUND_SECONDS = 2.0
+# The queue's visibility timeout is 2 s; the leases held across the kill ask for 4 s, so that a restart on a loaded
+# machine (about 0.7 s on an idle one) still comes up while they are alive and "not before expiry" is tested.
+HELD_LEASE_SECONDS = 4.0
 
 
-async def storm_then(broker: BrokerProcess, token: str, queue: str, history: History, fault: str) -> tuple[float, int]:
+async def storm_then(broker: BrokerProcess, token: str, queue: str, history: History, fault: str) -> tuple[float, bool]:
     """Publish from 8 publishers, apply the fault mid-storm ('kill' or 'term'), keep publishing a little while
-    the broker is gone, then stop. Returns how long the fault took (for SIGTERM: until the process exited) and
-    the process's exit code (negative: killed by that signal)."""
+    the broker is gone, then stop. Returns how long the fault took (for SIGTERM: until the process exited) and,
+    for SIGTERM, whether the shutdown was clean (`BrokerProcess.terminate`: exit status 0 or -SIGTERM, which
+    uvicorn re-raises after draining, and the lifespan's shutdown completed)."""
+    clean = False
     async with api(broker.url, token) as client:
         stop = asyncio.Event()
         publishers = asyncio.create_task(storm(client, queue, history, stop))
@@ -51,14 +56,13 @@ async def storm_then(broker: BrokerProcess, token: str, queue: str, history: His
             if fault == "kill":
                 await asyncio.to_thread(broker.kill)
             else:
-                await asyncio.to_thread(broker.terminate, SIGTERM_EXIT_BOUND_SECONDS)
+                clean = await asyncio.to_thread(broker.terminate, SIGTERM_EXIT_BOUND_SECONDS)
             took = time.monotonic() - started
             await asyncio.sleep(STORM_SECONDS_AFTER_FAULT)
         finally:
             stop.set()
             await publishers
-    assert broker.process is not None and broker.process.returncode is not None
-    return took, broker.process.returncode
+    return took, clean
 
 
 def assert_delivered_as_published(history: History) -> None:
@@ -112,7 +116,9 @@ async def test_sigterm_under_load_exits_cleanly_and_keeps_every_201(
         await create_queue(client, "term")
     history = History()
 
-    took, code = await storm_then(broker, token, "term", history, "term")
+    took, clean = await storm_then(broker, token, "term", history, "term")
+    assert broker.process is not None
+    assert clean, f"unclean shutdown after SIGTERM: exit status {broker.process.returncode}, see the log"
     assert took < SIGTERM_EXIT_BOUND_SECONDS
     answered = {s for s in history.statuses if s.isdigit()}
     assert answered <= {"201", "503"}, f"a publish got something other than 201 or 503: {history.statuses}"
@@ -121,8 +127,6 @@ async def test_sigterm_under_load_exits_cleanly_and_keeps_every_201(
     assert_delivered_as_published(history)
     assert history.check().duplicated == {}, history.check().summary()
     assert counts["pending"] == counts["processing"] == 0, counts
-    # Checked last, so a wrong exit code does not hide what the rest of the test found.
-    assert code == 0, f"`broker serve` ended with {code} after SIGTERM (negative: killed by that signal)"
 
 
 def _timestamp(iso: str) -> float:
@@ -138,7 +142,7 @@ async def test_kill_9_with_leases_outstanding_keeps_the_leases_then_redelivers(
     async with api(broker.url, token) as client:
         await create_queue(client, "leases", visibility_timeout=2)
         await publish_many(client, "leases", history, 20, prefix="m")
-        taken = await consume_batch(client, "leases", max_messages=10)
+        taken = await consume_batch(client, "leases", max_messages=10, visibility_timeout=HELD_LEASE_SECONDS)
     assert len(taken) == 10
     leased = {history.deliver(item).uid: _timestamp(item["lease_expires_at"]) for item in taken}
     await asyncio.to_thread(broker.kill)

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 
+from app.stores.keys import EPOCH_KEY
 from tests.faults.checker import History, Outcome
 from tests.support import ADMIN_PASSWORD
 
@@ -100,17 +102,25 @@ async def ack(client: httpx.AsyncClient, message_id: int, lease_id: str) -> http
 
 
 async def drain(client: httpx.AsyncClient, queue: str, history: History, *, consumers: int = 1,
-                within: float = 30.0, empty_rounds: int = 2,
+                within: float = 30.0, empty_rounds: int = 2, retry_503: bool = False,
                 on_delivery: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Consume (max 100) and ack everything, from `consumers` concurrent consumers, each until it saw
-    `empty_rounds` empty answers in a row. Every ack must get 200 (no fault is running while draining)."""
+    `empty_rounds` empty answers in a row. Every ack must get 200 (no fault is running while draining).
+    With `retry_503`, a consume answered 503 is noted in `history.refused_consumes` and retried, as a client
+    honouring Retry-After would (a 503 consume hands nothing out); otherwise it fails the drain."""
     deadline = time.monotonic() + within
 
     async def consumer() -> None:
         empty = 0
         while empty < empty_rounds:
             assert time.monotonic() < deadline, f"drain did not finish within {within}s"
-            batch = await consume_batch(client, queue, wait=0.2)
+            response = await client.post(f"/queues/{queue}/messages/consume", json={"max": 100, "wait": 0.2})
+            if response.status_code == 503 and retry_503:
+                history.refused_consumes.append(response.text)
+                await asyncio.sleep(0.1)
+                continue
+            assert response.status_code == 200, response.text
+            batch = list(response.json()["messages"])
             if not batch:
                 empty += 1
                 continue
@@ -123,6 +133,38 @@ async def drain(client: httpx.AsyncClient, queue: str, history: History, *, cons
             answers = await asyncio.gather(*(ack(client, d.message_id, d.lease_id) for d in delivered))
             for d, answer in zip(delivered, answers, strict=True):
                 assert history.ack(d, answer) is Outcome.OK, f"ack of {d}: {answer.status_code} {answer.text}"
+
+    await asyncio.gather(*(consumer() for _ in range(consumers)))
+
+
+async def consume_until(client: httpx.AsyncClient, queue: str, history: History, stop: asyncio.Event, *,
+                        consumers: int = 4, max_messages: int = 10, hold_seconds: float = 0.0) -> None:
+    """Consume and ack from `consumers` concurrent consumers until `stop` is set (a workload running while a
+    fault happens). Consume answers other than 200 go to `history.refused_consumes`; acks are recorded as they
+    come out (one refused while a fault runs is an outcome to check, not an error of the workload). Each consumer
+    holds what it got for `hold_seconds` before acking, as if working on it, so leases are open when a fault hits."""
+
+    async def consumer() -> None:
+        while not stop.is_set():
+            try:
+                response = await client.post(f"/queues/{queue}/messages/consume",
+                                             json={"max": max_messages, "wait": 0.2})
+            except httpx.HTTPError as exc:
+                history.refused_consumes.append(type(exc).__name__)
+                await asyncio.sleep(0.05)
+                continue
+            if response.status_code != 200:
+                history.refused_consumes.append(response.text)
+                await asyncio.sleep(0.05)
+                continue
+            delivered = [history.deliver(item) for item in response.json()["messages"]]
+            if delivered and hold_seconds:
+                await asyncio.sleep(hold_seconds)
+            results: list[httpx.Response | BaseException] = await asyncio.gather(
+                *(ack(client, d.message_id, d.lease_id) for d in delivered), return_exceptions=True
+            )
+            for d, result in zip(delivered, results, strict=True):
+                history.ack(d, result)
 
     await asyncio.gather(*(consumer() for _ in range(consumers)))
 
@@ -155,15 +197,34 @@ async def journal_check(data_dir: Path, redis_url: str | None, within: float = 3
     return process.returncode, output.decode()
 
 
-async def wait_consistent(data_dir: Path, redis_url: str | None, within: float = 20.0) -> str:
-    """Poll `journal check` until it exits 0 (Redis rebuilt from the journal); fail with its last output."""
+async def settle(data_dir: Path, redis_url: str | None, within: float) -> tuple[int, str]:
+    """Poll `journal check` until it exits 0 or `within` seconds passed; its last exit code and output."""
     deadline = time.monotonic() + within
     code, output = await journal_check(data_dir, redis_url)
-    while code != 0:
-        assert time.monotonic() < deadline, f"Redis not rebuilt within {within}s; journal check ({code}):\n{output}"
+    while code != 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
         code, output = await journal_check(data_dir, redis_url)
+    return code, output
+
+
+async def wait_consistent(data_dir: Path, redis_url: str | None, within: float = 20.0) -> str:
+    """Poll `journal check` until it exits 0 (Redis rebuilt from the journal); fail with its last output."""
+    code, output = await settle(data_dir, redis_url, within)
+    assert code == 0, f"Redis not rebuilt within {within}s; journal check ({code}):\n{output}"
     return output
+
+
+async def wait_rebuilt(redis_url: str, within: float = 20.0) -> None:
+    """Wait until the broker has rebuilt a flushed Redis: it writes its epoch key last in a reconciliation, and
+    FLUSHALL removed it. (Unlike `journal check`, this does not need Redis and the journal to agree exactly.)"""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + within
+        while await client.get(EPOCH_KEY) is None:
+            assert time.monotonic() < deadline, f"the broker did not rebuild Redis within {within}s"
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
 
 
 def child_pids(pid: int, name: str) -> list[int]:

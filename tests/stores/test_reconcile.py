@@ -23,7 +23,7 @@ class World:
     redis: RedisQueueStore
     reconciler: Reconciler
     queue: Queue
-    pending: list[Message]
+    pending: list[int]
     processing: list[Message]
 
 
@@ -33,15 +33,16 @@ async def world(tmp_path: Path, redis_url: str) -> AsyncIterator[World]:
     async with SqliteJournalStore(tmp_path / "j.sqlite3") as journal, RedisQueueStore(redis_url) as redis:
         queue = await journal.create_queue("q", QueueSettings(), "test")
         published = await journal.publish(queue, [NewMessage(content=f'"{i}"') for i in range(5)], "test")
-        await redis.enqueue("q", [m.id for m in published])
-        to_deliver = [published[1].id, published[3].id]
+        ids = [r.message_id for r in published]
+        await redis.enqueue("q", ids)
+        to_deliver = [ids[1], ids[3]]
         for message_id in to_deliver:  # move exactly these ids, as a consumer's take would
             await redis.redis.lrem(keys.queue_keys("q").ready, 1, message_id)
             await redis.redis.lpush(keys.queue_keys("q").processing, message_id)
         delivered, refused = await journal.record_deliveries(queue, to_deliver, time.time() + 60, "consumer")
         assert refused == []
         await redis.restore_leases("q", {m.id: m.lease_expires_at or 0 for m in delivered})
-        pending = [m for m in published if m.id not in to_deliver]
+        pending = [i for i in ids if i not in to_deliver]
         yield World(journal, redis, Reconciler(journal, redis, Gate()), queue, pending, delivered)
 
 
@@ -69,13 +70,13 @@ async def test_reconcile_after_flushall_restores_ready_processing_and_leases(wor
 
     assert (report.queues, report.ready, report.processing, report.dropped_queues) == (1, 3, 2, 0)
     snap = await world.redis.snapshot("q")
-    assert sorted(snap.ready) == [m.id for m in world.pending]
+    assert sorted(snap.ready) == world.pending
     assert sorted(snap.processing) == sorted(m.id for m in world.processing)
     assert snap.leases == pytest.approx({m.id: m.lease_expires_at for m in world.processing}, abs=0.01)
     assert await world.redis.get_epoch() is not None
     assert world.reconciler.redis_up
     # Oldest first, as before the loss.
-    assert await world.redis.take("q", 10, time.time() + 30) == [m.id for m in world.pending]
+    assert await world.redis.take("q", 10, time.time() + 30) == world.pending
 
 
 async def test_differences_are_empty_after_reconcile(world: World) -> None:
@@ -86,7 +87,7 @@ async def test_differences_are_empty_after_reconcile(world: World) -> None:
 
 
 async def test_differences_name_an_id_missing_from_ready(world: World) -> None:
-    missing = world.pending[1].id
+    missing = world.pending[1]
     await world.redis.redis.lrem(keys.queue_keys("q").ready, 0, missing)
 
     found = await world.reconciler.differences()
@@ -111,7 +112,7 @@ async def test_differences_name_an_extra_id_pushed_to_ready(world: World) -> Non
 
 
 async def test_differences_name_a_duplicate_and_a_processing_id_without_lease(world: World) -> None:
-    duplicate, unleased = world.pending[0].id, world.processing[0].id
+    duplicate, unleased = world.pending[0], world.processing[0].id
     await world.redis.enqueue("q", [duplicate])
     await world.redis.redis.zrem(keys.queue_keys("q").leases, unleased)
 
@@ -123,8 +124,8 @@ async def test_differences_name_a_duplicate_and_a_processing_id_without_lease(wo
 
 async def test_reconcile_repairs_a_drifted_redis(world: World) -> None:
     k = keys.queue_keys("q")
-    await world.redis.redis.lrem(k.ready, 0, world.pending[0].id)
-    await world.redis.enqueue("q", [4242, world.pending[1].id])
+    await world.redis.redis.lrem(k.ready, 0, world.pending[0])
+    await world.redis.enqueue("q", [4242, world.pending[1]])
     await world.redis.redis.delete(k.leases)
     assert len(await world.reconciler.differences()) >= 3
 
@@ -171,4 +172,20 @@ async def test_reconcile_empties_a_queue_whose_messages_are_all_done(world: Worl
 
     snap = await world.redis.snapshot("q")
     assert (snap.ready, snap.processing, snap.leases) == ([], [], {})
+    assert await world.reconciler.differences() == []
+
+
+async def test_reconcile_restores_a_delayed_message_with_its_due_time(world: World) -> None:
+    (result,) = await world.journal.publish(world.queue, [NewMessage(content='"later"', delay_seconds=600)], "test")
+    await world.redis.schedule("q", {result.message_id: result.available_at})
+    assert await world.reconciler.differences() == []
+    await world.redis.redis.flushall()
+    found = "\n".join(await world.reconciler.differences())
+    assert f"delayed in the journal but not in Redis: {result.message_id}" in found
+
+    await world.reconciler.reconcile()
+
+    snap = await world.redis.snapshot("q")
+    assert snap.delayed == pytest.approx({result.message_id: result.available_at}, abs=0.01)
+    assert result.message_id not in snap.ready
     assert await world.reconciler.differences() == []

@@ -184,6 +184,35 @@ async def test_two_concurrent_reaps_never_return_the_same_id(redis_url: str) -> 
         assert sorted(snap.ready) == ids
 
 
+# -- delayed ------------------------------------------------------------------------------------------------------
+
+
+async def test_promote_moves_only_due_ids_behind_those_already_ready(store: RedisQueueStore) -> None:
+    now = time.time()
+    await store.enqueue("q", [1])
+    await store.schedule("q", {2: now - 1, 3: now + 60})
+
+    assert await store.promote("q", now) == [2]
+
+    snap = await store.snapshot("q")
+    assert snap.delayed == pytest.approx({3: now + 60}, abs=0.01)
+    assert await store.take("q", 10, now + 30) == [1, 2]
+    assert await store.promote("q", now) == []
+
+
+async def test_defer_moves_a_delivered_id_from_processing_to_delayed(store: RedisQueueStore) -> None:
+    now = time.time()
+    await store.enqueue("q", [1, 2])
+    await store.take("q", 2, now + 30)
+
+    await store.defer("q", {1: now + 5})
+
+    snap = await store.snapshot("q")
+    assert snap.processing == [2]
+    assert set(snap.leases) == {2}
+    assert snap.delayed == pytest.approx({1: now + 5}, abs=0.01)
+
+
 # -- rebuild and swap ---------------------------------------------------------------------------------------------
 
 
@@ -192,15 +221,17 @@ async def test_rebuild_replaces_every_structure_of_the_queue(store: RedisQueueSt
     await store.enqueue("q", [90, 91])
     await store.take("q", 1, time.time() + 5)  # 90 in processing with a lease
     await store.redis.zadd(k.delayed, {"92": int(time.time() * 1000)})
-    deadline = time.time() + 42
+    deadline, due = time.time() + 42, time.time() + 600
 
-    await store.rebuild("q", _chunks([1, 2], [3]), _leased_chunks([(4, deadline)], [(5, deadline + 1)]))
+    await store.rebuild(
+        "q", _chunks([1, 2], [3]), _leased_chunks([(4, deadline)], [(5, deadline + 1)]), _leased_chunks([(6, due)])
+    )
 
     snap = await store.snapshot("q")
     assert sorted(snap.ready) == [1, 2, 3]
     assert sorted(snap.processing) == [4, 5]
     assert snap.leases == pytest.approx({4: deadline, 5: deadline + 1}, abs=0.01)
-    assert snap.delayed == {}
+    assert snap.delayed == pytest.approx({6: due}, abs=0.01), "the old delayed id 92 must be gone"
     assert not await store.redis.exists(*keys.rebuild_keys("q").all()), "scratch keys were left behind"
     # Oldest first: the ids stream out of the journal by id and are taken in that order.
     assert await store.take("q", 10, time.time() + 30) == [1, 2, 3]
@@ -210,7 +241,7 @@ async def test_rebuild_with_nothing_to_restore_empties_the_queue(store: RedisQue
     await store.enqueue("q", [1, 2])
     await store.take("q", 1, time.time() + 30)
 
-    await store.rebuild("q", _chunks(), _leased_chunks())
+    await store.rebuild("q", _chunks(), _leased_chunks(), _leased_chunks())
 
     snap = await store.snapshot("q")
     assert (snap.ready, snap.processing, snap.leases, snap.delayed) == ([], [], {}, {})
@@ -226,7 +257,7 @@ async def test_the_swap_is_atomic_for_a_concurrent_reader(store: RedisQueueStore
     async def rebuild_many() -> None:
         for n in range(30):
             ids = new if n % 2 == 0 else old
-            await store.rebuild("q", _chunks(ids), _leased_chunks())
+            await store.rebuild("q", _chunks(ids), _leased_chunks(), _leased_chunks())
 
     async def read_many() -> None:
         for _ in range(60):
