@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -18,13 +19,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api import auth, messages, ops, queues, users
+from app.api import admin, auth, messages, ops, queues, users
 from app.api.common import AppState, JSONResponse
+from app.api.middleware import BodyLimit, ObserveRequests
 from app.auth import TokenService, load_or_create_secret
 from app.broker import Broker
-from app.errors import BrokerError, RedisUnavailable, TooLarge
+from app.errors import BrokerError, RedisUnavailable
+from app.metrics import Metrics
 from app.settings import Settings
 from app.stores.embedded_redis import EmbeddedRedis
 from app.stores.redis_queue import RedisQueueStore
@@ -40,6 +42,10 @@ def routes() -> list[Route | Mount]:
         Route("/", ops.root, methods=["GET"]),
         Route("/health/live", ops.live, methods=["GET"]),
         Route("/health/ready", ops.ready, methods=["GET"]),
+        Route("/metrics", admin.metrics, methods=["GET"]),
+        Route("/stats", admin.stats, methods=["GET"]),
+        Route("/logs", admin.list_logs, methods=["GET"]),
+        Route("/logs/{filename}", admin.read_log, methods=["GET"]),
         Route("/openapi.json", ops.openapi, methods=["GET"]),
         Route("/docs", ops.docs, methods=["GET"]),
         Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static"),
@@ -83,7 +89,7 @@ def create_app(settings: Settings) -> Starlette:
         async with AsyncExitStack() as stack:
             yield await open_broker(settings, stack)
 
-    middleware = [Middleware(BodyLimit, max_bytes=settings.max_body_bytes)]
+    middleware = [Middleware(ObserveRequests), Middleware(BodyLimit, max_bytes=settings.max_body_bytes)]
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                      allow_methods=["*"], allow_headers=["*"]))
@@ -106,6 +112,9 @@ async def open_broker(settings: Settings, stack: AsyncExitStack) -> AppState:
     )
     redis = await stack.enter_async_context(RedisQueueStore(redis_url))
     broker = Broker(settings, journal, redis)
+    metrics = Metrics(settings.metrics_dir)
+    journal.add_listener(metrics.on_events)
+    journal.add_commit_observer(metrics.on_commit)
     generated = await ensure_admin(journal, settings.admin_username, settings.admin_password)
     if generated:
         print(f"Created user '{settings.admin_username}' with password: {generated}  (shown once; "
@@ -121,7 +130,8 @@ async def open_broker(settings: Settings, stack: AsyncExitStack) -> AppState:
         refresh_seconds=settings.refresh_token_seconds,
     )
     limiter = MovingWindowRateLimiter(MemoryStorage())
-    return AppState(settings=settings, broker=broker, tokens=tokens, login_limiter=limiter)
+    return AppState(settings=settings, broker=broker, tokens=tokens, login_limiter=limiter, metrics=metrics,
+                    started_at=time.time())
 
 
 # -- errors: always {"detail", "code"}, never a traceback ----------------------------------------------------------
@@ -143,33 +153,3 @@ async def http_error(request: Request, exc: Exception) -> Response:
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"detail": "Internal error; it was logged", "code": "internal_error"}, status_code=500)
-
-
-class BodyLimit:
-    """Refuse request bodies over the limit (413), by Content-Length or while they stream in."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                error = TooLarge(f"The request body is over the limit of {self.max_bytes} bytes",
-                                 code="body_too_large")
-                await JSONResponse(error.body(), status_code=413)(scope, receive, send)
-                return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise TooLarge(f"The request body is over the limit of {self.max_bytes} bytes", code="body_too_large")
-            return message
-
-        await self.app(scope, limited, send)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import time
 
 import orjson
@@ -11,6 +12,7 @@ import orjson
 from app.settings import Settings
 
 LOG_FILE = "broker.log"
+ACCESS_FIELDS = ("method", "route", "status", "duration_ms", "user")
 
 
 class JsonFormatter(logging.Formatter):
@@ -21,6 +23,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for key in ACCESS_FIELDS:
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
@@ -33,8 +38,10 @@ def configure_logging(settings: Settings) -> None:
     handlers: list[logging.Handler] = [console]
     try:
         settings.log_dir.mkdir(parents=True, exist_ok=True)
+        # One file per worker process when there are several (rotation is not safe across processes).
+        name = LOG_FILE if settings.workers == 1 else f"broker-{os.getpid()}.log"
         file = logging.handlers.RotatingFileHandler(
-            settings.log_dir / LOG_FILE, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"
+            settings.log_dir / name, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8"
         )
         file.setFormatter(JsonFormatter())
         handlers.append(file)

@@ -8,8 +8,10 @@ directory in PROMETHEUS_MULTIPROC_DIR before the workers start).
 
 from __future__ import annotations
 
+import time
+from collections import Counter as Tally
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,6 +27,17 @@ PROCESSING_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 9
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 
 
+@dataclass
+class RequestTally:
+    """This process's request figures for /stats (the seed's fields)."""
+
+    requests_total: int = 0
+    by_route: Tally[str] = field(default_factory=Tally)
+    by_status: Tally[int] = field(default_factory=Tally)
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What a scrape reads from the broker: queue depth per status and Redis health."""
@@ -38,6 +51,7 @@ class Metrics:
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
         """`multiprocess_dir`: where worker processes write their values (settings.metrics_dir), or None."""
         self.multiprocess_dir = str(multiprocess_dir) if multiprocess_dir else None
+        self.tally = RequestTally()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.published = Counter("broker_messages_published_total", "Messages published", ["queue"], registry=r)
@@ -95,6 +109,12 @@ class Metrics:
     def on_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http_requests.labels(method, route, str(status)).inc()
         self.http_duration.labels(method, route).observe(seconds)
+        tally = self.tally
+        tally.requests_total += 1
+        tally.by_route[f"{method} {route}"] += 1
+        tally.by_status[status] += 1
+        if status >= 500:
+            tally.last_error, tally.last_error_at = f"{status} on {method} {route}", time.time()
 
     # -- output -------------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from app.auth import TokenService
 from app.broker import Broker
 from app.errors import BadRequest, Forbidden, MessageNotFound, TooLarge, Unauthorized, ValidationFailed
+from app.metrics import Metrics
 from app.models import Principal, Role
 from app.settings import Settings
 
@@ -26,6 +27,8 @@ class AppState(TypedDict):
     broker: Broker
     tokens: TokenService
     login_limiter: MovingWindowRateLimiter
+    metrics: Metrics
+    started_at: float
 
 
 class JSONResponse(Response):

@@ -21,7 +21,7 @@ from app.models import Event, EventType, Message, MessageStatus, Queue, QueueSet
 Row = dict[str, Any]
 MESSAGE_COLUMNS = (
     "id", "queue_id", "content", "headers", "status", "delivery_count", "created_at", "updated_at",
-    "available_at", "last_error", "dead_lettered_from", "lease_id", "lease_expires_at",
+    "available_at", "last_error", "dead_lettered_from", "lease_id", "lease_expires_at", "delivered_at",
 )
 
 
@@ -138,6 +138,7 @@ def new_message_row(queue: Queue, content: str, headers: dict[str, str], status:
         "dead_lettered_from": None,
         "lease_id": None,
         "lease_expires_at": None,
+        "delivered_at": None,
     }
 
 

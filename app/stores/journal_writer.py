@@ -71,6 +71,7 @@ class JournalWriter:
         self.state = SharedState()
         self.healthy = True
         self.listeners: list[EventListener] = []
+        self.commit_observers: list[Callable[[int, float], None]] = []  # (operations, seconds) per commit
         self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         self._inbox: asyncio.Queue[Op | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -255,3 +256,5 @@ class JournalWriter:
         self.stats.operations += size
         self.stats.last_batch_size = size
         self.stats.last_commit_seconds = seconds
+        for observe in self.commit_observers:
+            observe(size, seconds)

@@ -106,7 +106,7 @@ def record_deliveries(tx: Tx, queue: Queue, ids: list[int], lease_expires_at: fl
         tx.transition(
             row, MessageStatus.PROCESSING, EventType.MESSAGE_DELIVERED, actor,
             {"delivery_count": count, "lease_id": lease_id, "lease_expires_at": iso(lease_expires_at)},
-            delivery_count=count, lease_id=lease_id, lease_expires_at=lease_expires_at,
+            delivery_count=count, lease_id=lease_id, lease_expires_at=lease_expires_at, delivered_at=tx.now,
         )
         delivered.append(row)
     return DeliveryOutcome(delivered, refused)
@@ -125,8 +125,9 @@ def current_delivery(tx: Tx, message_id: int, lease_id: str | None) -> Row:
 
 def ack(tx: Tx, message_id: int, lease_id: str | None, actor: str) -> Row:
     row = current_delivery(tx, message_id, lease_id)
-    tx.transition(row, MessageStatus.PROCESSED, EventType.MESSAGE_ACKED, actor, {"lease_id": row["lease_id"]},
-                  lease_id=None, lease_expires_at=None)
+    took = round(tx.now - row["delivered_at"], 6) if row["delivered_at"] else None
+    tx.transition(row, MessageStatus.PROCESSED, EventType.MESSAGE_ACKED, actor,
+                  {"lease_id": row["lease_id"], "processing_seconds": took}, lease_id=None, lease_expires_at=None)
     return row
 
 

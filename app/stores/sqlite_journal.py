@@ -117,6 +117,11 @@ class SqliteJournalStore:
         assert self._writer is not None
         self._writer.listeners.append(listener)
 
+    def add_commit_observer(self, observer: Callable[[int, float], None]) -> None:
+        """Called with (operations, seconds) after each commit."""
+        assert self._writer is not None
+        self._writer.commit_observers.append(observer)
+
     @property
     def _queues(self) -> dict[int, Queue]:
         return self._writer.state.queues if self._writer else self._read_queues

@@ -137,3 +137,32 @@ def test_serve_refuses_bad_settings_with_a_clear_message(tmp_path: Path) -> None
     result = subprocess.run([sys.executable, "-m", "app", "serve"], env=env, capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 2 and "BROKER_JOURNAL_SYNC" in result.stderr
+
+
+def test_a_real_server_writes_json_logs_that_admins_read_and_traversal_never_escapes(tmp_path: Path) -> None:
+    import http.client
+    import json
+
+    data = tmp_path / "data"
+    broker = BrokerProcess(data, redis_url=None).start()
+    try:
+        headers = {"Authorization": f"Bearer {token(broker.url)}"}
+        httpx.get(broker.url + "/queues", headers=headers).raise_for_status()
+        listing = httpx.get(broker.url + "/logs", headers=headers).json()
+        assert "broker.log" in [f["name"] for f in listing["files"]]
+        lines = httpx.get(broker.url + "/logs/broker.log?tail=50", headers=headers).json()["lines"]
+        entries = [json.loads(line["text"]) for line in lines]
+        access = [e for e in entries if e.get("route") == "/queues"]
+        assert access and access[-1]["user"] == "admin" and access[-1]["status"] == 200
+        assert all("Bearer" not in line["text"] and "eyJ" not in line["text"] for line in lines)
+        (data / "canary").write_text("canary-7f3a")  # beside the log directory, as the journal and secrets are
+        for raw in ("/logs/../canary", "/logs/%2e%2e/canary", "/logs/..%2fcanary", "/logs/%2e%2e%2fcanary"):
+            connection = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=10)
+            connection.request("GET", raw, headers=headers)  # sent as is: no client-side normalising
+            response = connection.getresponse()
+            body = response.read().decode()
+            connection.close()
+            assert response.status in (400, 404), (raw, response.status, body)
+            assert "canary-7f3a" not in body
+    finally:
+        broker.stop()

@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS messages (
     last_error TEXT,
     dead_lettered_from TEXT,
     lease_id TEXT,
-    lease_expires_at REAL
+    lease_expires_at REAL,
+    delivered_at REAL
 );
 CREATE INDEX IF NOT EXISTS messages_by_queue_status ON messages (queue_id, status, id);
 CREATE TABLE IF NOT EXISTS events (
@@ -116,35 +117,35 @@ DELETE FROM messages WHERE queue_id = :queue_id AND status IN ('pending', 'delay
 
 -- name: insert_message
 INSERT INTO messages (id, queue_id, content, headers, status, delivery_count, created_at, updated_at,
-                      available_at, last_error, dead_lettered_from, lease_id, lease_expires_at)
+                      available_at, last_error, dead_lettered_from, lease_id, lease_expires_at, delivered_at)
 VALUES (:id, :queue_id, :content, :headers, :status, :delivery_count, :created_at, :updated_at,
-        :available_at, :last_error, :dead_lettered_from, :lease_id, :lease_expires_at);
+        :available_at, :last_error, :dead_lettered_from, :lease_id, :lease_expires_at, :delivered_at);
 
 -- name: update_message
 UPDATE messages
 SET queue_id = :queue_id, status = :status, delivery_count = :delivery_count, updated_at = :updated_at,
     available_at = :available_at, last_error = :last_error, dead_lettered_from = :dead_lettered_from,
-    lease_id = :lease_id, lease_expires_at = :lease_expires_at
+    lease_id = :lease_id, lease_expires_at = :lease_expires_at, delivered_at = :delivered_at
 WHERE id = :id;
 
 -- name: select_messages_by_ids
 SELECT id, queue_id, content, headers, status, delivery_count, created_at, updated_at, available_at,
-       last_error, dead_lettered_from, lease_id, lease_expires_at
+       last_error, dead_lettered_from, lease_id, lease_expires_at, delivered_at
 FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
 
 -- name: select_message
 SELECT id, queue_id, content, headers, status, delivery_count, created_at, updated_at, available_at,
-       last_error, dead_lettered_from, lease_id, lease_expires_at
+       last_error, dead_lettered_from, lease_id, lease_expires_at, delivered_at
 FROM messages WHERE id = :id;
 
 -- name: browse_messages
 SELECT id, queue_id, content, headers, status, delivery_count, created_at, updated_at, available_at,
-       last_error, dead_lettered_from, lease_id, lease_expires_at
+       last_error, dead_lettered_from, lease_id, lease_expires_at, delivered_at
 FROM messages WHERE queue_id = :queue_id AND id > :after_id ORDER BY id LIMIT :limit;
 
 -- name: browse_messages_by_status
 SELECT id, queue_id, content, headers, status, delivery_count, created_at, updated_at, available_at,
-       last_error, dead_lettered_from, lease_id, lease_expires_at
+       last_error, dead_lettered_from, lease_id, lease_expires_at, delivered_at
 FROM messages WHERE queue_id = :queue_id AND status = :status AND id > :after_id ORDER BY id LIMIT :limit;
 
 -- name: ids_by_status
