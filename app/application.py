@@ -20,12 +20,14 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from app import sse
 from app.api import admin, auth, messages, ops, queues, users
 from app.api.common import AppState, JSONResponse
 from app.api.middleware import BodyLimit, ObserveRequests
 from app.auth import TokenService, load_or_create_secret
 from app.broker import Broker
 from app.errors import BrokerError, RedisUnavailable
+from app.fanout import EventHub
 from app.metrics import Metrics
 from app.settings import Settings
 from app.stores.embedded_redis import EmbeddedRedis
@@ -66,6 +68,8 @@ def routes() -> list[Route | Mount]:
         Route("/queues/{queue}/messages/batch", messages.publish_batch, methods=["POST"]),
         Route("/queues/{queue}/messages/consume", messages.consume_one, methods=["GET"]),
         Route("/queues/{queue}/messages/consume", messages.consume_many, methods=["POST"]),
+        Route("/events", sse.events, methods=["GET"]),
+        Route("/queues/{queue}/events", sse.queue_events, methods=["GET"]),
         Route("/messages/{message_id}", messages.get_message, methods=["GET"]),
         Route("/messages/{message_id}/history", messages.history, methods=["GET"]),
         Route("/messages/{message_id}/ack", messages.ack, methods=["POST"]),
@@ -124,6 +128,8 @@ async def open_broker(settings: Settings, stack: AsyncExitStack) -> AppState:
     except RedisUnavailable as exc:
         log.error("Redis is unavailable at start (%s); will rebuild it from the journal when it answers", exc)
     await stack.enter_async_context(BackgroundTasks(broker))
+    hub = await stack.enter_async_context(EventHub(journal, redis, on_count=metrics.sse_clients.set,
+                                                               buffer=settings.sse_buffer_events))
     tokens = TokenService(
         load_or_create_secret(settings.jwt_secret, settings.data_dir),
         access_seconds=settings.access_token_seconds,
@@ -131,7 +137,7 @@ async def open_broker(settings: Settings, stack: AsyncExitStack) -> AppState:
     )
     limiter = MovingWindowRateLimiter(MemoryStorage())
     return AppState(settings=settings, broker=broker, tokens=tokens, login_limiter=limiter, metrics=metrics,
-                    started_at=time.time())
+                    hub=hub, started_at=time.time())
 
 
 # -- errors: always {"detail", "code"}, never a traceback ----------------------------------------------------------

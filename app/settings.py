@@ -46,6 +46,10 @@ class Settings:
     retention_interval_seconds: float = 60.0
     redis_check_interval_seconds: float = 1.0
     journal_batch_max: int = 2000
+    sse_max_streams_per_user: int = 20
+    sse_buffer_events: int = 2000
+    graphiql: bool = False
+    graphql_introspection: bool = False
 
     def __post_init__(self) -> None:
         if self.journal_sync not in JOURNAL_SYNC_MODES:

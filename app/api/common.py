@@ -15,6 +15,7 @@ from starlette.responses import Response
 from app.auth import TokenService
 from app.broker import Broker
 from app.errors import BadRequest, Forbidden, MessageNotFound, TooLarge, Unauthorized, ValidationFailed
+from app.fanout import EventHub
 from app.metrics import Metrics
 from app.models import Principal, Role
 from app.settings import Settings
@@ -28,6 +29,7 @@ class AppState(TypedDict):
     tokens: TokenService
     login_limiter: MovingWindowRateLimiter
     metrics: Metrics
+    hub: EventHub
     started_at: float
 
 

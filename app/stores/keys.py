@@ -11,6 +11,7 @@ from dataclasses import dataclass
 PREFIX = "broker"
 EPOCH_KEY = f"{PREFIX}:epoch"
 RECONCILE_LOCK_KEY = f"{PREFIX}:reconcile-lock"
+EVENTS_CHANNEL = f"{PREFIX}:events"  # pub/sub: "new events up to <seq> are in the journal"
 QUEUE_KEY_PATTERN = f"{PREFIX}:{{*}}:*"
 
 

@@ -147,6 +147,22 @@ class RedisQueueStore:
                 pipe.zadd(k.leases, {str(i): _ms(t) for i, t in leased.items()})
             await pipe.execute()
 
+    async def signal_events(self, seq: int) -> None:
+        """Tell other broker processes that the journal has events up to `seq`."""
+        async with _translated("publish"):
+            await self.redis.publish(keys.EVENTS_CHANNEL, str(seq))
+
+    async def event_signals(self) -> AsyncIterator[int]:
+        """Signals from other broker processes (a dedicated connection; ends when it breaks)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(keys.EVENTS_CHANNEL)
+            async for message in pubsub.listen():
+                if message and message.get("type") == "message":
+                    yield int(message["data"])
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
     # -- hand-off --------------------------------------------------------------------------------------------
 
     async def enqueue(self, queue: str, ids: Sequence[int]) -> None:
