@@ -59,22 +59,27 @@ class EventHub:
         self._last_seq = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._streams: Counter[str] = Counter()
+        self._stopping = False
+        self._signal = asyncio.Event()
+        self._committed_seq = 0
 
     async def __aenter__(self) -> EventHub:
         self._last_seq = await self.journal.last_seq()
         self.journal.add_listener(self._on_commit)
         self._tasks = [asyncio.create_task(self._tail(), name="event-tailer"),
-                       asyncio.create_task(self._listen(), name="event-wakeups")]
+                       asyncio.create_task(self._listen(), name="event-wakeups"),
+                       asyncio.create_task(self._send_signals(), name="event-signals")]
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # A client library may swallow a cancel (redis-py's pub/sub can): the loops also check _stopping, and
+        # stopping never waits on them for long.
+        await asyncio.wait(self._tasks, timeout=2)
         for subscriber in list(self._subscribers):
             self._close(subscriber)
 
@@ -130,15 +135,22 @@ class EventHub:
 
     def _on_commit(self, events: list[Event]) -> None:
         self._wake.set()
-        with contextlib.suppress(Exception):  # other processes' tailers: a hint only, they also poll
-            self._spawn_signal(events[-1].seq)
+        self._committed_seq = events[-1].seq
+        self._signal.set()
 
-    def _spawn_signal(self, seq: int) -> None:
-        task = asyncio.ensure_future(self.redis.signal_events(seq))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    async def _send_signals(self) -> None:
+        """Tell other processes' tailers about our commits: one PUBLISH for however many commits came since the
+        last one (a hint only; they also poll)."""
+        while not self._stopping:
+            await self._signal.wait()
+            self._signal.clear()
+            try:
+                await self.redis.signal_events(self._committed_seq)
+            except Exception as exc:
+                log.debug("event signal not sent: %s", exc)
 
     async def _listen(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 async for _ in self.redis.event_signals():
                     self._wake.set()
@@ -147,7 +159,7 @@ class EventHub:
             await asyncio.sleep(POLL_SECONDS)
 
     async def _tail(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(POLL_SECONDS):
                     await self._wake.wait()
