@@ -47,7 +47,7 @@ def parse_since(request: Request) -> int | None:
     raw = request.headers.get("last-event-id") or request.query_params.get("since")
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise ValidationFailed([{"field": "since", "message": "must be an event id (a non-negative integer)"}])
     return int(raw)
 

@@ -97,9 +97,8 @@ async def read_log(request: Request, principal: Principal) -> Response:
         for total, line in enumerate(file, start=1):
             if tail is None and ((start and total < start) or (end and total > end)):
                 continue
-            numbered.append((total, line.rstrip("\n")))
-            if tail is None and len(numbered) == MAX_LOG_LINES:
-                break
+            if tail is not None or len(numbered) < MAX_LOG_LINES:  # keep counting to the end for total_lines
+                numbered.append((total, line.rstrip("\n")))
     return JSONResponse({"filename": path.name, "total_lines": total,
                          "lines": [{"number": n, "text": text} for n, text in numbered]})
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -18,15 +18,15 @@ from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from app.errors import RedisUnavailable
 from app.stores import keys
+from app.stores.pipeliner import Pipeliner
 
 REBUILD_CHUNK = 10_000
 _SCRIPTS = ("take", "release", "requeue", "reap", "swap", "promote", "defer", "unlock", "hold")
@@ -71,6 +71,7 @@ class RedisQueueStore:
             retry=Retry(ExponentialBackoff(cap=0.25, base=0.01), retries=2),
             retry_on_error=[RedisConnectionError],
         )
+        self._pipeliner = Pipeliner(self._redis)
         lua = resources.files("app.stores") / "lua"
         for name in _SCRIPTS:
             self._scripts[name] = self._redis.register_script((lua / f"{name}.lua").read_text())
@@ -92,6 +93,18 @@ class RedisQueueStore:
     async def _run(self, name: str, keys_: Sequence[str], args: Sequence[Any]) -> Any:
         async with _translated(name):
             return await self._scripts[name](keys=list(keys_), args=list(args))
+
+    async def _batched(self, name: str, keys_: Sequence[str], args: Sequence[Any]) -> Any:
+        """A script run in the pipeline shared with concurrent callers (the hot path). EVALSHA alone: a pipeline
+        carrying registered scripts would ask SCRIPT EXISTS first, a second round trip every time."""
+        script = self._scripts[name]
+        async with _translated(name):
+            try:
+                return await self._pipeliner.call(lambda pipe: pipe.evalsha(script.sha, len(keys_), *keys_, *args))
+            except NoScriptError:  # Redis restarted or was flushed of scripts: load them and try once more
+                for loaded in self._scripts.values():
+                    await self.redis.script_load(loaded.script)
+                return await self._pipeliner.call(lambda pipe: pipe.evalsha(script.sha, len(keys_), *keys_, *args))
 
     # -- health and identity -------------------------------------------------------------------------------
 
@@ -168,30 +181,23 @@ class RedisQueueStore:
     async def enqueue(self, queue: str, ids: Sequence[int]) -> None:
         """Append ids to the ready list (the oldest is taken first)."""
         if ids:
+            key = keys.queue_keys(queue).ready
             async with _translated("enqueue"):
-                await self.redis.lpush(keys.queue_keys(queue).ready, *ids)
-
-    async def enqueue_many(self, batches: Iterable[tuple[str, Sequence[int]]]) -> None:
-        """Several queues' pushes in one round trip."""
-        async with _translated("enqueue"):
-            pipe: Pipeline = self.redis.pipeline(transaction=False)
-            for queue, ids in batches:
-                if ids:
-                    pipe.lpush(keys.queue_keys(queue).ready, *ids)
-            await pipe.execute()
+                await self._pipeliner.call(lambda pipe: pipe.lpush(key, *ids))
 
     async def schedule(self, queue: str, due: dict[int, float]) -> None:
         """Add ids to the delayed set, each due at its time."""
         if due:
+            key, scores = keys.queue_keys(queue).delayed, {str(i): _ms(t) for i, t in due.items()}
             async with _translated("schedule"):
-                await self.redis.zadd(keys.queue_keys(queue).delayed, {str(i): _ms(t) for i, t in due.items()})
+                await self._pipeliner.call(lambda pipe: pipe.zadd(key, scores))
 
     async def defer(self, queue: str, due: dict[int, float]) -> None:
         """Move delivered ids from processing to the delayed set."""
         if due:
             k = keys.queue_keys(queue)
             args = [v for i, t in due.items() for v in (i, _ms(t))]
-            await self._run("defer", (k.processing, k.leases, k.delayed), args)
+            await self._batched("defer", (k.processing, k.leases, k.delayed), args)
 
     async def promote(self, queue: str, now: float, limit: int = 1000) -> list[int]:
         """Move delayed ids that are due to ready; return them."""
@@ -202,7 +208,7 @@ class RedisQueueStore:
     async def take(self, queue: str, count: int, lease_deadline: float) -> list[int]:
         """Move up to `count` ids from ready to processing, each with a lease until `lease_deadline`."""
         k = keys.queue_keys(queue)
-        ids = await self._run("take", (k.ready, k.processing, k.leases), (count, _ms(lease_deadline)))
+        ids = await self._batched("take", (k.ready, k.processing, k.leases), (count, _ms(lease_deadline)))
         return [int(i) for i in ids]
 
     async def wait_take(self, queue: str, wait_seconds: float, lease_seconds: float) -> tuple[int, float] | None:
@@ -223,26 +229,27 @@ class RedisQueueStore:
     async def hold(self, queue: str, message_id: int, lease_deadline: float) -> None:
         """Make `message_id` held under a lease until `lease_deadline`, out of ready."""
         k = keys.queue_keys(queue)
-        await self._run("hold", (k.ready, k.processing, k.leases), (message_id, _ms(lease_deadline)))
+        await self._batched("hold", (k.ready, k.processing, k.leases), (message_id, _ms(lease_deadline)))
 
     async def release(self, queue: str, ids: Sequence[int]) -> int:
         """Forget deliveries: remove one processing entry and the lease of each id."""
         if not ids:
             return 0
         k = keys.queue_keys(queue)
-        return int(await self._run("release", (k.processing, k.leases), ids))
+        return int(await self._batched("release", (k.processing, k.leases), ids))
 
     async def restore_leases(self, queue: str, deadlines: dict[int, float]) -> None:
         """Set lease deadlines again (after a stale copy of a held id was released)."""
         if deadlines:
+            key, scores = keys.queue_keys(queue).leases, {str(i): _ms(d) for i, d in deadlines.items()}
             async with _translated("lease"):
-                await self.redis.zadd(keys.queue_keys(queue).leases, {str(i): _ms(d) for i, d in deadlines.items()})
+                await self._pipeliner.call(lambda pipe: pipe.zadd(key, scores))
 
     async def requeue(self, queue: str, ids: Sequence[int]) -> None:
         """Put delivered ids back to be taken next."""
         if ids:
             k = keys.queue_keys(queue)
-            await self._run("requeue", (k.processing, k.leases, k.ready), ids)
+            await self._batched("requeue", (k.processing, k.leases, k.ready), ids)
 
     async def reap(self, queue: str, now: float, limit: int = 500) -> list[int]:
         """Move ids whose lease deadline is past back to ready; return them."""

@@ -157,3 +157,9 @@ async def test_the_log_viewer_never_leaves_its_directory(client: ApiClient, log_
     assert response.status_code in (400, 404), response.text
     assert "secret" not in response.text.lower() or response.json()["code"] in ("invalid_filename", "log_not_found",
                                                                                  "not_found")
+
+
+async def test_an_event_id_with_non_ascii_digits_is_422(client: ApiClient) -> None:
+    headers = await client.auth()
+    response = await client.get("/events", headers={**headers, "Last-Event-ID": "²"})
+    assert response.status_code == 422

@@ -21,8 +21,9 @@ OPEN_OPERATIONS = {
     ("/openapi.json", "get"),
     ("/docs", "get"),
     ("/login", "post"),
+    ("/metrics", "get"),  # open unless BROKER_METRICS_TOKEN is set
 }
-PATH_EXAMPLES = {"queue": "orders", "message_id": "1", "username": "someone"}
+PATH_EXAMPLES = {"queue": "orders", "message_id": "1", "username": "someone", "filename": "broker.log"}
 
 
 def routed_operations() -> set[tuple[str, str]]:
