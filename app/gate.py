@@ -21,15 +21,19 @@ class Gate:
 
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
-            self._shared += 1
+        if self._exclusive or self._waiting_exclusive:  # the common case skips the condition entirely
+            async with self._changed:
+                await self._changed.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
+                self._shared += 1
+        else:
+            self._shared += 1  # no await between the check and this: atomic on the event loop
         try:
             yield
         finally:
-            async with self._changed:
-                self._shared -= 1
-                self._changed.notify_all()
+            self._shared -= 1
+            if self._waiting_exclusive and not self._shared:
+                async with self._changed:
+                    self._changed.notify_all()
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ from collections import Counter as Tally
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -52,6 +53,7 @@ class Metrics:
         """`multiprocess_dir`: where worker processes write their values (settings.metrics_dir), or None."""
         self.multiprocess_dir = str(multiprocess_dir) if multiprocess_dir else None
         self.tally = RequestTally()
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.published = Counter("broker_messages_published_total", "Messages published", ["queue"], registry=r)
@@ -107,8 +109,15 @@ class Metrics:
         self.batch_size.observe(size)
 
     def on_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.http_requests.labels(method, route, str(status)).inc()
-        self.http_duration.labels(method, route).observe(seconds)
+        # Label children cached by key: labels() takes a lock and builds a tuple on every call.
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.http_requests.labels(method, route, str(status)),
+                        self.http_duration.labels(method, route))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
         tally = self.tally
         tally.requests_total += 1
         tally.by_route[f"{method} {route}"] += 1

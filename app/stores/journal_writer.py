@@ -85,7 +85,7 @@ class JournalWriter:
 
     async def stop(self) -> None:
         if self._task is not None:
-            await self._inbox.put(None)  # the loop drains what was queued before this, then stops
+            self._inbox.put_nowait(None)  # the loop drains what was queued before this, then stops
             await self._task
             self._task = None
         os.close(self._lock_fd)
@@ -93,7 +93,7 @@ class JournalWriter:
     async def submit(self, op: Op) -> Any:
         if self._task is None or self._task.done():
             raise JournalUnavailable("The journal is not accepting writes")
-        await self._inbox.put(op)
+        self._inbox.put_nowait(op)
         return await op.future
 
     # -- cross-process lock and caches ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ and a Lua script may touch all of them. Queue names are validated (no braces), s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 PREFIX = "broker"
 EPOCH_KEY = f"{PREFIX}:epoch"
@@ -28,6 +29,7 @@ class QueueKeys:
         return (self.ready, self.processing, self.leases, self.delayed)
 
 
+@lru_cache(maxsize=4096)
 def queue_keys(queue: str) -> QueueKeys:
     tag = f"{PREFIX}:{{{queue}}}"
     return QueueKeys(f"{tag}:ready", f"{tag}:processing", f"{tag}:leases", f"{tag}:delayed")

@@ -7,7 +7,7 @@ one round trip as before; under load, a hundred publishes cost one round trip in
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,15 +20,30 @@ class Pipeliner:
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
         self._pending: list[tuple[Stage, asyncio.Future[Any]]] = []
+        self._pushes: dict[str, tuple[list[int], asyncio.Future[Any]]] = {}  # one LPUSH per list and pipeline
         self._flushing = False
 
     async def call(self, stage: Stage) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((stage, future))
+        self._schedule()
+        return await future
+
+    async def push(self, key: str, ids: Sequence[int]) -> None:
+        """LPUSH ids to a list; concurrent pushes to one list share a single command."""
+        merged = self._pushes.get(key)
+        if merged is None:
+            merged = ([], asyncio.get_running_loop().create_future())
+            self._pushes[key] = merged
+            self._pending.append((lambda pipe: pipe.lpush(key, *merged[0]), merged[1]))
+            self._schedule()
+        merged[0].extend(ids)
+        await asyncio.shield(merged[1])  # shared by several callers: one leaving must not cancel it for all
+
+    def _schedule(self) -> None:
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._start_flush)  # gather this loop iteration's callers
-        return await future
 
     def _start_flush(self) -> None:
         task = asyncio.ensure_future(self._flush())
@@ -38,6 +53,7 @@ class Pipeliner:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                self._pushes = {}  # later pushes go to the next pipeline
                 pipe = self._client.pipeline(transaction=False)
                 for stage, _ in batch:
                     stage(pipe)
