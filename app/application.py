@@ -17,7 +17,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from app import sse
@@ -28,6 +28,7 @@ from app.auth import TokenService, load_or_create_secret
 from app.broker import Broker
 from app.errors import BrokerError, RedisUnavailable
 from app.fanout import EventHub
+from app.graphql import graphql_app
 from app.metrics import Metrics
 from app.settings import Settings
 from app.stores.embedded_redis import EmbeddedRedis
@@ -39,8 +40,17 @@ from app.users import ensure_admin
 log = logging.getLogger(__name__)
 
 
-def routes() -> list[Route | Mount]:
+def routes() -> list[Route | Mount | WebSocketRoute]:
+    graphql = graphql_app()
     return [
+        # The message hot path first: Starlette tries routes in order, a regex match each.
+        Route("/queues/{queue}/messages", messages.publish, methods=["POST"]),
+        Route("/queues/{queue}/messages/batch", messages.publish_batch, methods=["POST"]),
+        Route("/queues/{queue}/messages/consume", messages.consume_one, methods=["GET"]),
+        Route("/queues/{queue}/messages/consume", messages.consume_many, methods=["POST"]),
+        Route("/messages/{message_id}/ack", messages.ack, methods=["POST"]),
+        Route("/messages/{message_id}/nack", messages.nack, methods=["POST"]),
+        Route("/messages/{message_id}/extend", messages.extend, methods=["POST"]),
         Route("/", ops.root, methods=["GET"]),
         Route("/health/live", ops.live, methods=["GET"]),
         Route("/health/ready", ops.ready, methods=["GET"]),
@@ -64,17 +74,12 @@ def routes() -> list[Route | Mount]:
         Route("/queues/{queue}/purge", queues.purge_queue, methods=["POST"]),
         Route("/queues/{queue}/redrive", queues.redrive_queue, methods=["POST"]),
         Route("/queues/{queue}/messages", messages.browse, methods=["GET"]),
-        Route("/queues/{queue}/messages", messages.publish, methods=["POST"]),
-        Route("/queues/{queue}/messages/batch", messages.publish_batch, methods=["POST"]),
-        Route("/queues/{queue}/messages/consume", messages.consume_one, methods=["GET"]),
-        Route("/queues/{queue}/messages/consume", messages.consume_many, methods=["POST"]),
         Route("/events", sse.events, methods=["GET"]),
         Route("/queues/{queue}/events", sse.queue_events, methods=["GET"]),
         Route("/messages/{message_id}", messages.get_message, methods=["GET"]),
         Route("/messages/{message_id}/history", messages.history, methods=["GET"]),
-        Route("/messages/{message_id}/ack", messages.ack, methods=["POST"]),
-        Route("/messages/{message_id}/nack", messages.nack, methods=["POST"]),
-        Route("/messages/{message_id}/extend", messages.extend, methods=["POST"]),
+        Route("/graphql", graphql, methods=["GET", "POST"]),  # GET: GraphiQL, when BROKER_GRAPHIQL is on
+        WebSocketRoute("/graphql", graphql),  # subscriptions (graphql-transport-ws)
     ]
 
 
@@ -129,7 +134,8 @@ async def open_broker(settings: Settings, stack: AsyncExitStack) -> AppState:
         log.error("Redis is unavailable at start (%s); will rebuild it from the journal when it answers", exc)
     await stack.enter_async_context(BackgroundTasks(broker))
     hub = await stack.enter_async_context(EventHub(journal, redis, on_count=metrics.sse_clients.set,
-                                                               buffer=settings.sse_buffer_events))
+                                                               buffer=settings.sse_buffer_events,
+                                                               max_streams_per_user=settings.sse_max_streams_per_user))
     tokens = TokenService(
         load_or_create_secret(settings.jwt_secret, settings.data_dir),
         access_seconds=settings.access_token_seconds,

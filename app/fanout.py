@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
+from app.errors import RateLimited
 from app.models import Event
 from app.stores.redis_queue import RedisQueueStore
 from app.stores.sqlite_journal import SqliteJournalStore
@@ -48,10 +49,11 @@ class _Subscriber:
 
 class EventHub:
     def __init__(self, journal: SqliteJournalStore, redis: RedisQueueStore, *, on_count: Callable[[int], None],
-                 buffer: int = 2000) -> None:
+                 buffer: int = 2000, max_streams_per_user: int = 20) -> None:
         """`buffer`: how many events a subscriber may fall behind by before it is cut off."""
         self.journal = journal
         self.buffer = buffer
+        self.max_streams_per_user = max_streams_per_user
         self.redis = redis
         self._on_count = on_count
         self._subscribers: set[_Subscriber] = set()
@@ -87,8 +89,11 @@ class EventHub:
     def subscribers(self) -> int:
         return len(self._subscribers)
 
-    def streams_of(self, username: str) -> int:
-        return self._streams[username]
+    def require_stream_slot(self, username: str) -> None:
+        """Refuse a new stream (SSE or GraphQL subscription) past the per-user cap."""
+        if self._streams[username] >= self.max_streams_per_user:
+            raise RateLimited(f"At most {self.max_streams_per_user} event streams per user; close one first", 5,
+                              code="too_many_streams")
 
     @contextlib.contextmanager
     def stream_of(self, username: str) -> Iterator[None]:

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from app.api import render
 from app.api.common import requires, state
 from app.api.queues import queue_name
-from app.errors import RateLimited, ValidationFailed
+from app.errors import ValidationFailed
 from app.fanout import EventFilter, EventHub, SubscriberOverflow
 from app.models import EventType, Principal
 
@@ -57,9 +57,7 @@ async def _stream(request: Request, principal: Principal, queues: frozenset[str]
     accepts = EventFilter(queues, parse_types(request.query_params.get("types", "")))
     since = parse_since(request)
     hub = app["hub"]
-    limit = app["settings"].sse_max_streams_per_user
-    if hub.streams_of(principal.username) >= limit:
-        raise RateLimited(f"At most {limit} event streams per user; close one first", 5, code="too_many_streams")
+    hub.require_stream_slot(principal.username)
     return EventSourceResponse(_frames(hub, principal.username, accepts, since), ping=PING_SECONDS,
                                send_timeout=SEND_TIMEOUT_SECONDS)
 

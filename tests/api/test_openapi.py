@@ -6,7 +6,7 @@ import re
 from html.parser import HTMLParser
 
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, WebSocketRoute
 
 from app import __version__
 from app.api.ops import openapi_document
@@ -22,6 +22,7 @@ OPEN_OPERATIONS = {
     ("/docs", "get"),
     ("/login", "post"),
     ("/metrics", "get"),  # open unless BROKER_METRICS_TOKEN is set
+    ("/graphql", "get"),  # GraphiQL when enabled (405 otherwise); the GraphQL calls themselves need a token
 }
 PATH_EXAMPLES = {"queue": "orders", "message_id": "1", "username": "someone", "filename": "broker.log"}
 
@@ -30,7 +31,7 @@ def routed_operations() -> set[tuple[str, str]]:
     """(path, method) of every route the app serves, without the HEAD Starlette adds to GET, nor mounts."""
     operations = set()
     for route in routes():
-        if isinstance(route, Mount):
+        if isinstance(route, Mount | WebSocketRoute):
             continue
         assert isinstance(route, Route)
         path = re.sub(r"\{(\w+):[^}]+\}", r"{\1}", route.path)  # "{id:int}" is "{id}" in OpenAPI
