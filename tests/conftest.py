@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,24 +56,30 @@ class ApiClient(httpx.AsyncClient):
         return {"Authorization": f"Bearer {(await self.login(username, password))['access_token']}"}
 
 
-@pytest.fixture
-async def app_state(settings: Settings) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
-    app = create_app(settings)
+@contextlib.asynccontextmanager
+async def api_client(settings: Settings, **changes: Any) -> AsyncIterator[tuple[ApiClient, dict[str, Any]]]:
+    """The app with these settings, its lifespan running, and an httpx client on it; with the lifespan's state."""
+    app = create_app(settings.with_changes(**changes))
     async with app.router.lifespan_context(app) as state:
-        yield app, dict(state)
+
+        async def with_state(scope: Any, receive: Any, send: Any) -> None:
+            scope["state"] = dict(state)  # what uvicorn does with the lifespan's state
+            await app(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=with_state)
+        async with ApiClient(transport=transport, base_url="http://testserver") as api:
+            yield api, dict(state)
 
 
 @pytest.fixture
-async def client(app_state: tuple[Any, dict[str, Any]]) -> AsyncIterator[ApiClient]:
-    app, state = app_state
+async def app_state(settings: Settings) -> AsyncIterator[tuple[ApiClient, dict[str, Any]]]:
+    async with api_client(settings) as opened:
+        yield opened
 
-    async def with_state(scope: Any, receive: Any, send: Any) -> None:
-        scope["state"] = dict(state)  # what uvicorn does with the lifespan's state
-        await app(scope, receive, send)
 
-    transport = httpx.ASGITransport(app=with_state)
-    async with ApiClient(transport=transport, base_url="http://testserver") as api:
-        yield api
+@pytest.fixture
+def client(app_state: tuple[ApiClient, dict[str, Any]]) -> ApiClient:
+    return app_state[0]
 
 
 @pytest.fixture

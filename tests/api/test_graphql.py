@@ -7,12 +7,10 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 
-from app.application import create_app
 from app.settings import Settings
-from tests.conftest import ApiClient
+from tests.conftest import ApiClient, api_client
 
 PUBLISH = """mutation($q: String!, $content: JSON, $key: String, $delay: Float) {
   publish(queue: $q, content: $content, headers: {trace: "t1"}, idempotencyKey: $key, delaySeconds: $delay) {
@@ -50,15 +48,8 @@ def snake(data: Any) -> Any:
 @contextlib.asynccontextmanager
 async def client_with(settings: Settings, **changes: Any) -> AsyncIterator[ApiClient]:
     """Like the `client` fixture, for an app with other settings."""
-    app = create_app(settings.with_changes(**changes))
-    async with app.router.lifespan_context(app) as state:
-
-        async def with_state(scope: Any, receive: Any, send: Any) -> None:
-            scope["state"] = dict(state)
-            await app(scope, receive, send)
-
-        async with ApiClient(transport=httpx.ASGITransport(app=with_state), base_url="http://testserver") as api:
-            yield api
+    async with api_client(settings, **changes) as (api, _):
+        yield api
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ApiClient
+from tests.conftest import ApiClient, api_client
 
 API_METRICS = {
     "broker_messages_published_total": "counter",
@@ -81,22 +81,11 @@ async def test_metrics_export_every_api_metric_with_its_type_and_true_counts(cli
 
 
 async def test_metrics_can_be_guarded_by_a_token(settings: Any) -> None:
-    import httpx
-
-    from app.application import create_app
-
-    app = create_app(settings.with_changes(metrics_token="scrape-secret"))
-    async with app.router.lifespan_context(app) as state:
-
-        async def with_state(scope: Any, receive: Any, send: Any) -> None:
-            scope["state"] = dict(state)
-            await app(scope, receive, send)
-
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=with_state), base_url="http://t") as client:
-            assert (await client.get("/metrics")).status_code == 401
-            assert (await client.get("/metrics", headers={"Authorization": "Bearer wrong"})).status_code == 401
-            ok = await client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
-            assert ok.status_code == 200 and "broker_redis_up" in ok.text
+    async with api_client(settings, metrics_token="scrape-secret") as (client, _):
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/metrics", headers={"Authorization": "Bearer wrong"})).status_code == 401
+        ok = await client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+        assert ok.status_code == 200 and "broker_redis_up" in ok.text
 
 
 STATS_FIELDS = {

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ApiClient
+from tests.conftest import ApiClient, api_client
 
 
 @pytest.fixture
@@ -211,22 +211,13 @@ async def test_a_delay_longer_than_the_queue_keeps_messages_is_422(client: ApiCl
 async def test_an_idempotency_key_survives_a_restart(settings: Any) -> None:
     import httpx
 
-    from app.application import create_app
-
     async def publish_once() -> httpx.Response:
-        app = create_app(settings)
-        async with app.router.lifespan_context(app) as state:
-
-            async def with_state(scope: Any, receive: Any, send: Any) -> None:
-                scope["state"] = dict(state)
-                await app(scope, receive, send)
-
-            async with ApiClient(transport=httpx.ASGITransport(app=with_state), base_url="http://t") as client:
-                headers = await client.auth()
-                if (await client.get("/queues/r", headers=headers)).status_code == 404:
-                    await make_queue(client, headers, "r")
-                return await client.post("/queues/r/messages", json={"content": 1},
-                                         headers={**headers, "Idempotency-Key": "once"})
+        async with api_client(settings) as (client, _):
+            headers = await client.auth()
+            if (await client.get("/queues/r", headers=headers)).status_code == 404:
+                await make_queue(client, headers, "r")
+            return await client.post("/queues/r/messages", json={"content": 1},
+                                     headers={**headers, "Idempotency-Key": "once"})
 
     first, after_restart = await publish_once(), await publish_once()
     assert first.status_code == 201 and after_restart.status_code == 200

@@ -6,12 +6,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from app.application import create_app
 from app.settings import Settings
-from tests.conftest import ApiClient
+from tests.conftest import ApiClient, api_client
 from tests.support import ADMIN_PASSWORD, JWT_SECRET, RedisProcess
 
 
@@ -52,38 +50,31 @@ async def test_when_redis_is_down_consume_and_publish_answer_503_and_recover_aft
 ) -> None:
     settings = Settings(data_dir=tmp_path / "data", redis_url=own_redis.url, admin_password=ADMIN_PASSWORD,
                         jwt_secret=JWT_SECRET, reaper_interval_seconds=0.1, redis_check_interval_seconds=0.1)
-    app = create_app(settings)
-    async with app.router.lifespan_context(app) as state:
+    async with api_client(settings) as (client, _):
+        headers = await client.auth()
+        await client.post("/queues", json={"name": "q"}, headers=headers)
+        published = (await client.post("/queues/q/messages", json={"content": 1}, headers=headers)).json()
+        own_redis.stop()
+        consume = await client.get("/queues/q/messages/consume", headers=headers)
+        assert consume.status_code == 503 and consume.json()["code"] == "redis_unavailable"
+        assert consume.headers["Retry-After"]
+        for _ in range(50):  # the watcher notices within a few checks
+            if (await client.get("/health/ready")).status_code == 503:
+                break
+            await _sleep(0.1)
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 503 and ready.json()["checks"]["redis"] is False
+        refused = await client.post("/queues/q/messages", json={"content": 2}, headers=headers)
+        assert refused.status_code == 503 and refused.json()["code"] == "redis_unavailable"
 
-        async def with_state(scope: Any, receive: Any, send: Any) -> None:
-            scope["state"] = dict(state)
-            await app(scope, receive, send)
-
-        async with ApiClient(transport=httpx.ASGITransport(app=with_state), base_url="http://t") as client:
-            headers = await client.auth()
-            await client.post("/queues", json={"name": "q"}, headers=headers)
-            published = (await client.post("/queues/q/messages", json={"content": 1}, headers=headers)).json()
-            own_redis.stop()
-            consume = await client.get("/queues/q/messages/consume", headers=headers)
-            assert consume.status_code == 503 and consume.json()["code"] == "redis_unavailable"
-            assert consume.headers["Retry-After"]
-            for _ in range(50):  # the watcher notices within a few checks
-                if (await client.get("/health/ready")).status_code == 503:
-                    break
-                await _sleep(0.1)
-            ready = await client.get("/health/ready")
-            assert ready.status_code == 503 and ready.json()["checks"]["redis"] is False
-            refused = await client.post("/queues/q/messages", json={"content": 2}, headers=headers)
-            assert refused.status_code == 503 and refused.json()["code"] == "redis_unavailable"
-
-            own_redis.start()  # empty: the broker must rebuild it from the journal
-            for _ in range(100):
-                if (await client.get("/health/ready")).status_code == 200:
-                    break
-                await _sleep(0.1)
-            delivery = (await client.get("/queues/q/messages/consume", headers=headers)).json()
-            assert delivery["id"] == published["message_id"]
-            assert (await client.get("/queues/q/messages/consume", headers=headers)).json() is None
+        own_redis.start()  # empty: the broker must rebuild it from the journal
+        for _ in range(100):
+            if (await client.get("/health/ready")).status_code == 200:
+                break
+            await _sleep(0.1)
+        delivery = (await client.get("/queues/q/messages/consume", headers=headers)).json()
+        assert delivery["id"] == published["message_id"]
+        assert (await client.get("/queues/q/messages/consume", headers=headers)).json() is None
 
 
 async def _sleep(seconds: float) -> None:
