@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     journal = commands.add_parser("journal", help="inspect the journal").add_subparsers(dest="action", required=True)
     journal.add_parser("check", help="print differences between Redis and the journal (exit 1 if any)")
 
+    commands.add_parser("bench", add_help=False,
+                        help="run the benchmark (bench/) and write BENCHMARKS.md; `broker bench --help` for its flags")
+
     for name in ("publish", "consume"):
         sub = commands.add_parser(name, help=f"{name} through a running broker's HTTP API")
         sub.add_argument("queue")
@@ -57,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["bench"]:  # its flags are the harness's own (`broker bench --help`)
+        from bench.runner import main as bench_main
+
+        return bench_main(raw[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
