@@ -1,10 +1,14 @@
 """The journal's one writer per process: group commit, and safe sharing of one journal by several processes.
 
 Operations queue up while a transaction commits; the next transaction takes all of them (up to `batch_max`), so
-one fsync covers many callers, and each caller is answered only after the commit. Several broker processes may
-share a journal: each transaction runs under an exclusive `flock` on a lock file (a waiting writer is woken by
-the kernel the moment the lock is free, no sleep-and-retry), reads the next ids inside the transaction, and bumps a
-write generation; a process that finds the generation moved reloads its queue and count caches first.
+one fsync covers many callers, and each caller is answered only after the commit. A whole transaction (lock,
+BEGIN, reads, the operations, writes, COMMIT) runs as ONE call on the writer's own thread with its own sqlite3
+connection: awaiting every statement separately (aiosqlite's model, kept for reads) costs a thread hop and an
+event-loop turn each, which under load made every commit wait for the loop eight times.
+
+Several broker processes may share a journal: each transaction holds an exclusive `flock` on a lock file (a
+waiting writer is woken by the kernel the moment it is free, no sleep-and-retry), reads the next ids inside the
+transaction, and bumps a write generation; a process that finds the generation moved reloads its caches first.
 """
 
 from __future__ import annotations
@@ -16,13 +20,12 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
 import orjson
 
 from app.errors import BrokerError, JournalUnavailable
@@ -33,11 +36,13 @@ from app.stores.sql_blocks import load
 log = logging.getLogger(__name__)
 SQL = load("journal.sql")
 EventListener = Callable[[list[Event]], None]
+T = TypeVar("T")
+Outcome = tuple["Op", Any, BaseException | None]
 
 
 @dataclass
 class Op:
-    apply: Callable[[Tx], Any]
+    apply: Callable[[Tx], Any]  # runs on the writer thread, inside the transaction
     future: asyncio.Future[Any]
     ids: tuple[int, ...] = ()
     alone: bool = False  # queue and user changes commit in a transaction of their own
@@ -64,23 +69,24 @@ class SharedState:
 
 
 class JournalWriter:
-    def __init__(self, conn: aiosqlite.Connection, lock_path: Path, *, batch_max: int) -> None:
-        self.conn = conn
+    def __init__(self, path: Path, *, sync: str, batch_max: int) -> None:
+        self.path = path
+        self.sync = sync
         self.batch_max = batch_max
         self.stats = JournalStats()
         self.state = SharedState()
         self.healthy = True
         self.listeners: list[EventListener] = []
         self.commit_observers: list[Callable[[int, float], None]] = []  # (operations, seconds) per commit
-        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-writer")
+        self._conn: sqlite3.Connection | None = None
         self._inbox: asyncio.Queue[Op | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        async with self.locked():
-            if not await self.conn.execute_fetchall(SQL["counts_ready"]):
-                await self.conn.executescript(f"BEGIN IMMEDIATE;\n{SQL['init_counts']}\nCOMMIT;")
-            await self._sync()
+        """Open the connection, create the schema and load the caches (on the writer thread)."""
+        await self.run(self._open)
         self._task = asyncio.create_task(self._loop(), name="journal-writer")
 
     async def stop(self) -> None:
@@ -88,6 +94,8 @@ class JournalWriter:
             self._inbox.put_nowait(None)  # the loop drains what was queued before this, then stops
             await self._task
             self._task = None
+        await self.run(self._close)
+        self._thread.shutdown(wait=True)
         os.close(self._lock_fd)
 
     async def submit(self, op: Op) -> Any:
@@ -96,36 +104,131 @@ class JournalWriter:
         self._inbox.put_nowait(op)
         return await op.future
 
-    # -- cross-process lock and caches ----------------------------------------------------------------------------
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the writer thread (where the connection lives)."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
-    async def _acquire(self) -> None:
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # uncontended: no thread hop
-        except BlockingIOError:
-            await asyncio.get_running_loop().run_in_executor(None, fcntl.flock, self._lock_fd, fcntl.LOCK_EX)
+    def reload(self) -> None:
+        """For the writer thread (via `run`): pick up what other processes changed (no-op if nothing did)."""
+        self._sync()
 
-    @asynccontextmanager
-    async def locked(self) -> AsyncIterator[None]:
-        await self._acquire()
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+    def execute(self, sql: str) -> list[Any]:
+        """For the writer thread (via `run`): one statement outside the batch loop, e.g. a PRAGMA."""
+        assert self._conn is not None
+        return self._conn.execute(sql).fetchall()
 
-    async def _sync(self) -> None:
+    # -- on the writer thread -------------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        for pragma in ("journal_mode = WAL", f"synchronous = {self.sync.upper()}", "busy_timeout = 10000"):
+            conn.execute(f"PRAGMA {pragma}")
+        self._conn = conn
+        with self._locked():
+            conn.executescript(SQL["schema"])
+            if not conn.execute(SQL["counts_ready"]).fetchall():
+                conn.executescript(f"BEGIN IMMEDIATE;\n{SQL['init_counts']}\nCOMMIT;")
+            self._sync()
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _locked(self) -> _FileLock:
+        return _FileLock(self._lock_fd)
+
+    def _sync(self) -> None:
         """Read the next ids and, if another process wrote since our last commit, reload the caches."""
-        [(message_id, seq, queue_id, generation)] = await self.conn.execute_fetchall(SQL["write_state"])
+        assert self._conn is not None
+        [(message_id, seq, queue_id, generation)] = self._conn.execute(SQL["write_state"]).fetchall()
         self.state.counters = Counters(message_id, seq, queue_id)
         if generation != self.state.generation:
-            queue_rows = await self.conn.execute_fetchall(SQL["select_queues"])
-            self.state.queues = {q.id: q for q in (queue_from_row(tuple(r)) for r in queue_rows)}
-            counts: dict[int, Counter[str]] = {queue_id: Counter() for queue_id in self.state.queues}
-            for q_id, status, n in await self.conn.execute_fetchall(SQL["select_counts"]):
+            queue_rows = self._conn.execute(SQL["select_queues"]).fetchall()
+            queues = {q.id: q for q in (queue_from_row(tuple(r)) for r in queue_rows)}
+            counts: dict[int, Counter[str]] = {queue_id: Counter() for queue_id in queues}
+            for q_id, status, n in self._conn.execute(SQL["select_counts"]).fetchall():
                 counts.setdefault(q_id, Counter())[status] = n
-            self.state.counts = counts
-            self.state.generation = generation
+            self.state.queues, self.state.counts, self.state.generation = queues, counts, generation
 
-    # -- the loop -------------------------------------------------------------------------------------------------
+    def _transaction(self, batch: list[Op]) -> tuple[Tx, list[Outcome]]:
+        """One group-committed transaction; raises (after rolling back) if it cannot commit."""
+        conn = self._conn
+        assert conn is not None
+        with self._locked():
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                self._sync()
+                tx = Tx(
+                    rows=self._load_rows({i for op in batch for i in op.ids}),
+                    counters=self.state.counters,
+                    queues_by_id=dict(self.state.queues),
+                    counts=self.state.counts,
+                    idempotency=self._load_idempotency({k for op in batch for k in op.idempotency_keys}),
+                )
+                outcomes = [_apply(op, tx) for op in batch]
+                self._write(tx)
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                self.state.generation = -1  # reload everything next time
+                raise
+            self._adopt(tx)
+        return tx, outcomes
+
+    def _load_rows(self, ids: set[int]) -> dict[int, Row]:
+        ids = {i for i in ids if 0 < i < 2**63}  # others cannot exist (and would not bind)
+        if not ids:
+            return {}
+        assert self._conn is not None
+        found = self._conn.execute(SQL["select_messages_by_ids"], {"ids": orjson.dumps(list(ids)).decode()})
+        return {r[0]: row_from_tuple(r) for r in found.fetchall()}
+
+    def _load_idempotency(self, keys: set[str]) -> dict[str, tuple[int, float, str | None]]:
+        if not keys:
+            return {}
+        assert self._conn is not None
+        found = self._conn.execute(SQL["select_idempotency_keys"], {"keys": orjson.dumps(list(keys)).decode()})
+        return {r[0]: (r[1], r[2], r[3]) for r in found.fetchall()}
+
+    def _write(self, tx: Tx) -> None:
+        conn = self._conn
+        assert conn is not None
+        if tx.inserted:
+            conn.executemany(SQL["insert_message"], tx.inserted)
+        if tx.dirty:
+            conn.executemany(SQL["update_message"], list(tx.dirty.values()))
+        if tx.deleted:
+            conn.executemany(SQL["delete_message"], [{"id": i} for i in tx.deleted])
+        for sql, params in tx.statements:
+            conn.execute(sql, params)
+        if tx.events:
+            conn.executemany(SQL["insert_event"], [event_params(e) for e in tx.events])
+        deltas = [{"queue_id": q, "status": s, "delta": d} for (q, s), d in tx.count_deltas.items()
+                  if d and q in tx.queues_by_id]
+        if deltas:
+            conn.executemany(SQL["add_count"], deltas)
+        conn.execute(SQL["set_generation"], {"generation": self.state.generation + 1})
+
+    def _rollback(self) -> None:
+        try:
+            if self._conn is not None and self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("journal rollback failed: %s", exc)
+
+    def _adopt(self, tx: Tx) -> None:
+        """After a commit: this process's caches are the journal's state."""
+        counts = self.state.counts
+        for (queue_id, status), delta in tx.count_deltas.items():
+            counts.setdefault(queue_id, Counter())[status] += delta
+        for queue_id in list(counts):
+            if queue_id not in tx.queues_by_id:
+                del counts[queue_id]
+        self.state.queues = tx.queues_by_id
+        self.state.generation += 1
+
+    # -- on the event loop ----------------------------------------------------------------------------------------
 
     async def _loop(self) -> None:
         stopping = False
@@ -151,25 +254,12 @@ class JournalWriter:
 
     async def _commit(self, batch: list[Op]) -> None:
         started = time.perf_counter()
-        async with self.locked():
-            try:
-                await self.conn.execute("BEGIN IMMEDIATE")
-                await self._sync()
-                tx = Tx(
-                    rows=await self._load_rows({i for op in batch for i in op.ids}),
-                    counters=self.state.counters,
-                    queues_by_id=dict(self.state.queues),
-                    counts=self.state.counts,
-                    idempotency=await self._load_idempotency({k for op in batch for k in op.idempotency_keys}),
-                )
-                outcomes = [self._apply(op, tx) for op in batch]
-                await self._write(tx)
-            except Exception as exc:  # disk full, I/O error, locked, closed: fail closed, never half-answer
-                await self._rollback()
-                self._fail(batch, exc)
-                return
+        try:
+            tx, outcomes = await self.run(self._transaction, batch)
+        except Exception as exc:  # disk full, I/O error, locked, closed: fail closed, never half-answer
+            self._fail(batch, exc)
+            return
         self.healthy = True
-        self._adopt(tx)
         self._record(len(batch), time.perf_counter() - started)
         for op, result, error in outcomes:
             if op.future.done():  # the caller went away (cancelled); the change is committed regardless
@@ -185,64 +275,7 @@ class JournalWriter:
                 except Exception:  # a listener must never undo or block a commit
                     log.exception("journal event listener failed")
 
-    @staticmethod
-    def _apply(op: Op, tx: Tx) -> tuple[Op, Any, BaseException | None]:
-        try:
-            return op, op.apply(tx), None
-        except BrokerError as exc:  # refused before it changed anything; the rest of the batch goes on
-            return op, None, exc
-
-    async def _load_rows(self, ids: set[int]) -> dict[int, Row]:
-        ids = {i for i in ids if 0 < i < 2**63}  # others cannot exist (and would not bind)
-        if not ids:
-            return {}
-        found = await self.conn.execute_fetchall(SQL["select_messages_by_ids"], {"ids": orjson.dumps(list(ids))})
-        return {r[0]: row_from_tuple(r) for r in found}
-
-    async def _load_idempotency(self, keys: set[str]) -> dict[str, tuple[int, float, str | None]]:
-        if not keys:
-            return {}
-        found = await self.conn.execute_fetchall(SQL["select_idempotency_keys"], {"keys": orjson.dumps(list(keys))})
-        return {r[0]: (r[1], r[2], r[3]) for r in found}
-
-    async def _write(self, tx: Tx) -> None:
-        conn = self.conn
-        if tx.inserted:
-            await conn.executemany(SQL["insert_message"], tx.inserted)
-        if tx.dirty:
-            await conn.executemany(SQL["update_message"], list(tx.dirty.values()))
-        if tx.deleted:
-            await conn.executemany(SQL["delete_message"], [{"id": i} for i in tx.deleted])
-        for sql, params in tx.statements:
-            await conn.execute(sql, params)
-        if tx.events:
-            await conn.executemany(SQL["insert_event"], [event_params(e) for e in tx.events])
-        deltas = [{"queue_id": q, "status": s, "delta": d} for (q, s), d in tx.count_deltas.items()
-                  if d and q in tx.queues_by_id]
-        if deltas:
-            await conn.executemany(SQL["add_count"], deltas)
-        await conn.execute(SQL["set_generation"], {"generation": self.state.generation + 1})
-        await conn.execute("COMMIT")
-
-    async def _rollback(self) -> None:
-        try:
-            if self.conn.in_transaction:
-                await self.conn.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            log.error("journal rollback failed: %s", exc)
-
-    def _adopt(self, tx: Tx) -> None:
-        """After a commit: this process's caches are the journal's state."""
-        self.state.queues = tx.queues_by_id
-        for (queue_id, status), delta in tx.count_deltas.items():
-            self.state.counts.setdefault(queue_id, Counter())[status] += delta
-        for queue_id in list(self.state.counts):
-            if queue_id not in self.state.queues:
-                del self.state.counts[queue_id]
-        self.state.generation += 1
-
     def _fail(self, batch: list[Op], exc: BaseException) -> None:
-        self.state.generation = -1  # the next transaction reloads everything
         self.healthy = False
         self.stats.last_error = f"{exc.__class__.__name__}: {exc}"
         log.error("journal commit failed, %d operations refused: %s", len(batch), exc)
@@ -258,3 +291,23 @@ class JournalWriter:
         self.stats.last_commit_seconds = seconds
         for observe in self.commit_observers:
             observe(size, seconds)
+
+
+def _apply(op: Op, tx: Tx) -> Outcome:
+    try:
+        return op, op.apply(tx), None
+    except BrokerError as exc:  # refused before it changed anything; the rest of the batch goes on
+        return op, None, exc
+
+
+class _FileLock:
+    """Exclusive flock held for one transaction (blocking is fine: this runs on the writer thread)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)

@@ -56,7 +56,6 @@ class SqliteJournalStore:
         self.sync = sync
         self.batch_max = batch_max
         self.read_only = read_only
-        self._conn: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._writer: JournalWriter | None = None
         self._read_queues: dict[int, Queue] = {}  # read-only mode's queue list
@@ -79,14 +78,13 @@ class SqliteJournalStore:
             await self.refresh()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = await aiosqlite.connect(self.path, isolation_level=None)
-        for pragma in ("journal_mode = WAL", f"synchronous = {self.sync.upper()}", "busy_timeout = 10000"):
-            await self._conn.execute(f"PRAGMA {pragma}")
-        self._writer = JournalWriter(self._conn, self.path.with_name(self.path.name + ".lock"),
-                                     batch_max=self.batch_max)
-        async with self._writer.locked():
-            await self._conn.executescript(SQL["schema"])
-        await self._writer.start()
+        writer = JournalWriter(self.path, sync=self.sync, batch_max=self.batch_max)
+        try:
+            await writer.start()  # creates the schema
+        except BaseException:
+            await writer.stop()
+            raise
+        self._writer = writer
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA query_only = 1")
 
@@ -99,10 +97,15 @@ class SqliteJournalStore:
         await self._close_connections()
 
     async def _close_connections(self) -> None:
-        for conn in (self._conn, self._reader):
-            if conn is not None:
-                await conn.close()
-        self._conn = self._reader = None
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+
+    async def execute_on_writer(self, sql: str) -> list[Any]:
+        """One statement on the writing connection, outside any batch (operators and tests: PRAGMAs)."""
+        if self._writer is None:
+            raise JournalUnavailable("The journal is open read-only")
+        return await self._writer.run(self._writer.execute, sql)
 
     @property
     def stats(self) -> JournalStats:
@@ -131,7 +134,7 @@ class SqliteJournalStore:
         if self._writer is not None:
             [(generation,)] = await self._read(SQL["generation"])
             if generation != self._writer.state.generation:
-                self._writer.state.queues = {q.id: q for q in await self._load_queues()}
+                await self._writer.run(self._writer.reload)  # the writer's thread owns its caches
             return
         self._read_queues = {q.id: q for q in await self._load_queues()}
 

@@ -19,9 +19,9 @@ async def test_a_journal_that_cannot_commit_gives_503_with_retry_after_and_red_r
     headers = await client.auth()
     await client.post("/queues", json={"name": "q"}, headers=headers)
     kept = (await client.post("/queues/q/messages", json={"content": "kept"}, headers=headers)).json()["message_id"]
-    writer = broker.journal._conn  # the writing connection
-    pages = (await writer.execute_fetchall("PRAGMA page_count"))[0][0]
-    await writer.execute(f"PRAGMA max_page_count = {pages}")  # the disk is now full for the journal
+    journal = broker.journal
+    [(pages,)] = await journal.execute_on_writer("PRAGMA page_count")
+    await journal.execute_on_writer(f"PRAGMA max_page_count = {pages}")  # the disk is now full for the journal
 
     big = "x" * 200_000
     failed = [await client.post("/queues/q/messages", json={"content": big}, headers=headers) for _ in range(3)]
@@ -30,7 +30,7 @@ async def test_a_journal_that_cannot_commit_gives_503_with_retry_after_and_red_r
     ready = await client.get("/health/ready")
     assert ready.status_code == 503 and ready.json()["checks"]["journal"] is False
 
-    await writer.execute("PRAGMA max_page_count = 1073741823")  # room again
+    await journal.execute_on_writer("PRAGMA max_page_count = 1073741823")  # room again
     assert (await client.post("/queues/q/messages", json={"content": "after"}, headers=headers)).status_code == 201
     assert (await client.get("/health/ready")).status_code == 200
     delivered = (await client.post("/queues/q/messages/consume", json={"max": 10}, headers=headers)).json()

@@ -280,11 +280,9 @@ async def test_counts_track_transitions_and_survive_reopen(path: Path) -> None:
 
 async def _set_max_page_count(journal: SqliteJournalStore, pages: int | None = None) -> None:
     """Simulate a full disk on the writer's connection: no page beyond `pages` (default: the current count)."""
-    assert journal._writer is not None
-    conn = journal._writer.conn
     if pages is None:
-        [(pages,)] = await conn.execute_fetchall("PRAGMA page_count")
-    await conn.execute(f"PRAGMA max_page_count = {int(pages)}")
+        [(pages,)] = await journal.execute_on_writer("PRAGMA page_count")
+    await journal.execute_on_writer(f"PRAGMA max_page_count = {int(pages)}")
 
 
 BIG = NewMessage(content='"' + "x" * 200_000 + '"')  # needs new pages whatever the free space in the file
