@@ -40,6 +40,11 @@ async def drain(urls: list[str], headers: dict[str, str], queue: str) -> list[in
     return received
 
 
+def metric(text: str, name: str, labels: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(f"{name}{{") and labels in line)
+
+
 async def publish_all(urls: list[str], headers: dict[str, str], queue: str) -> list[int]:
     ids: list[int] = []
     async with httpx.AsyncClient(timeout=30) as client:
@@ -90,6 +95,11 @@ async def test_one_broker_with_two_workers_delivers_each_message_once(tmp_path: 
         received = await drain([broker.url], headers, "w")
         assert len(received) == len(set(received)) == MESSAGES
         assert sorted(received) == sorted(published)
+        async with httpx.AsyncClient() as client:
+            for _ in range(4):  # whichever worker answers a scrape, it reports every worker's counts
+                text = (await client.get(f"{broker.url}/metrics")).text
+                assert metric(text, "broker_messages_published_total", 'queue="w"') == MESSAGES
+                assert metric(text, "broker_messages_acked_total", 'queue="w"') == MESSAGES
         assert broker.terminate()
     finally:
         broker.stop()
