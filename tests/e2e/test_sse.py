@@ -167,10 +167,9 @@ async def test_events_stream_over_tls_with_the_self_signed_certificate(tmp_path:
     process = BrokerProcess(tmp_path / "data", redis_url=None, extra_env={"BROKER_TLS": "self-signed"}).start()
     try:
         context = ssl.create_default_context(cafile=str(tmp_path / "data" / "tls" / "cert.pem"))
-        login = httpx.post(process.url + "/login", data={"username": "admin", "password": "admin-password"},
-                           verify=context)
-        headers = {"Authorization": f"Bearer {login.json()['access_token']}"}
         async with httpx.AsyncClient(base_url=process.url, timeout=30, verify=context) as client:
+            login = await client.post("/login", data={"username": "admin", "password": "admin-password"})
+            headers = {"Authorization": f"Bearer {login.json()['access_token']}"}
             await client.post("/queues", json={"name": "tls"}, headers=headers)
             await client.post("/queues/tls/messages", json={"content": 1}, headers=headers)
             got = await asyncio.wait_for(collect(client, "/queues/tls/events?since=0", headers, 2), 15)
