@@ -74,6 +74,7 @@ class TokenService:
                 exp={"essential": True},
                 iat={"essential": True},
                 sub={"essential": True},
+                roles={"essential": True},
                 type={"essential": True, "values": [kind]},
             )
             for kind in ("access", "refresh")

@@ -32,6 +32,7 @@ from app.stores.sqlite_journal import SqliteJournalStore, Transition
 log = logging.getLogger(__name__)
 MAX_WAIT_SECONDS = 20.0
 MAX_CONSUME = 100
+MAX_STALE_ROUNDS = 10
 
 
 class Broker:
@@ -101,6 +102,11 @@ class Broker:
         queue = await self.journal.find_queue(name)
         if not self.recovery.redis_up:
             raise RedisUnavailable("Redis is unavailable; nothing was published, retry later")
+        # Shielded: a caller that goes away (a closed connection, a cancelled subscription) must not leave a
+        # committed message unpushed.
+        return await asyncio.shield(self._publish(queue, items, actor))
+
+    async def _publish(self, queue: Queue, items: list[NewMessage], actor: str) -> list[PublishResult]:
         # The gate spans the commit and the push, so a rebuild of Redis sees the message either in the journal
         # and not yet pushed (and pushes it itself) or pushed; never pushed twice.
         async with self.gate.shared():
@@ -121,6 +127,7 @@ class Broker:
         lease_seconds = visibility_timeout if visibility_timeout is not None else queue.settings.visibility_timeout
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + min(wait, MAX_WAIT_SECONDS)
+        stale_rounds = 0
         while True:
             self.recovery.require_redis()
             lease_deadline = time.time() + lease_seconds
@@ -143,8 +150,14 @@ class Broker:
                     deliveries = await self._record_deliveries(queue, [taken], lease_deadline, actor)
                     if deliveries and self.recovery.reconciles != rebuilds:
                         await self._redis_after_commit(self.redis.hold(queue.name, taken, lease_deadline))
-            if deliveries or give_up_at - loop.time() <= 0:
+            if deliveries:
                 return deliveries
+            if not ids and remaining <= 0:
+                return []  # nothing ready, and no time left to wait
+            # Everything taken was a stale copy the journal refused: the next ids may be real ones.
+            stale_rounds += 1
+            if stale_rounds > MAX_STALE_ROUNDS and give_up_at - loop.time() <= 0:
+                return []
 
     async def _wait_take(self, queue: Queue, wait_seconds: float, lease_seconds: float) -> tuple[float, int | None]:
         # BLMOVE is shielded: if the caller goes away after Redis moved an id, the id is put back rather than
@@ -154,6 +167,9 @@ class Broker:
             taken = await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(lambda t: self._requeue_abandoned(queue.name, t))
+            raise
+        except RedisUnavailable:  # BLMOVE may have moved an id whose lease was never written: rebuild
+            self.recovery.mark_dirty()
             raise
         if taken is None:
             return 0.0, None
@@ -172,7 +188,7 @@ class Broker:
     ) -> list[Delivery]:
         """Journal deliveries Redis handed out (the caller holds the shared gate)."""
         try:
-            messages, refused = await self.journal.record_deliveries(queue, ids, lease_deadline, actor)
+            messages, refused, dead_lettered = await self.journal.record_deliveries(queue, ids, lease_deadline, actor)
         except JournalUnavailable:
             await self._redis_after_commit(self.redis.requeue(queue.name, ids))
             raise
@@ -182,6 +198,8 @@ class Broker:
             held = {i: d for i, d in refused if d is not None}
             if held:
                 await self._redis_after_commit(self.redis.restore_leases(queue.name, held))
+        for change in dead_lettered:
+            await self._redis_after_commit(self.redis.enqueue(change.message.queue, [change.message.id]))
         now = time.time()
         return [Delivery(m, m.lease_id or "", m.lease_expires_at or lease_deadline, now) for m in messages]
 

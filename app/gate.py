@@ -18,6 +18,11 @@ class Gate:
         self._exclusive = False
         self._waiting_exclusive = 0
         self._changed = asyncio.Condition()
+        self._notifications: set[asyncio.Task[None]] = set()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
@@ -32,8 +37,10 @@ class Gate:
         finally:
             self._shared -= 1
             if self._waiting_exclusive and not self._shared:
-                async with self._changed:
-                    self._changed.notify_all()
+                # A task of its own: the caller may be cancelled right here, and the waiter must still hear it.
+                task = asyncio.ensure_future(self._notify())
+                self._notifications.add(task)
+                task.add_done_callback(self._notifications.discard)
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.api import render
-from app.api.common import requires, state
+from app.api.common import MAX_ID, requires, state
 from app.api.queues import queue_name
 from app.errors import ValidationFailed
 from app.fanout import EventFilter, EventHub, SubscriberOverflow
@@ -47,7 +47,7 @@ def parse_since(request: Request) -> int | None:
     raw = request.headers.get("last-event-id") or request.query_params.get("since")
     if raw is None or raw == "":
         return None
-    if not (raw.isascii() and raw.isdigit()):
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_ID:
         raise ValidationFailed([{"field": "since", "message": "must be an event id (a non-negative integer)"}])
     return int(raw)
 

@@ -28,7 +28,7 @@ async def metrics(request: Request) -> Response:
     expected = app["settings"].metrics_token
     if expected:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip(), expected):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), expected.encode()):
             raise Unauthorized("This /metrics needs 'Authorization: Bearer <BROKER_METRICS_TOKEN>'")
     broker = app["broker"]
     snapshot = Snapshot(await broker.list_queue_stats(), broker.recovery.redis_up, time.time())

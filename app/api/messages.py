@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from app.api import render
 from app.api.common import (
+    MAX_ID,
     JSONResponse,
     check_size,
     flag,
@@ -191,7 +192,7 @@ async def browse(request: Request, principal: Principal) -> Response:
         choices = ", ".join(s.value for s in MessageStatus)
         raise ValidationFailed([{"field": "status", "message": f"must be one of {choices}"}]) from None
     limit = integer(params, "limit", 50, minimum=1, maximum=MAX_BROWSE) or 50
-    after_id = integer(params, "after_id", 0, minimum=0) or 0
+    after_id = integer(params, "after_id", 0, minimum=0, maximum=MAX_ID) or 0
     messages = await state(request)["broker"].browse(name, status, after_id, limit)
     next_after = messages[-1].id if len(messages) == limit else None
     return JSONResponse({"messages": [render.message(m) for m in messages], "next_after_id": next_after})

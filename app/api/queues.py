@@ -17,6 +17,7 @@ SETTINGS_FIELDS = ("visibility_timeout", "max_deliveries", "dead_letter_queue", 
 MIN_VISIBILITY_TIMEOUT = 0.001
 MAX_VISIBILITY_TIMEOUT = 12 * 3600.0
 MAX_REDRIVE = 10_000
+MAX_RETENTION = 10 * 365 * 24 * 3600.0  # ten years; a delay may be as long as this
 
 
 def queue_name(raw: object) -> str:
@@ -44,7 +45,7 @@ def settings_changes(data: dict[str, Any]) -> dict[str, Any]:
     if "max_length" in data:
         changes["max_length"] = integer(data, "max_length", None, minimum=1)
     if "retention_seconds" in data:
-        changes["retention_seconds"] = number(data, "retention_seconds", None, minimum=1)
+        changes["retention_seconds"] = number(data, "retention_seconds", None, minimum=1, maximum=MAX_RETENTION)
     unknown = sorted(set(data) - set(SETTINGS_FIELDS) - {"name"})
     if unknown:
         raise ValidationFailed([{"field": f, "message": "is not a queue setting"} for f in unknown])

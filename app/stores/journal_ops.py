@@ -56,6 +56,7 @@ def delete_queue(tx: Tx, queue: Queue, actor: str) -> int:
     tx.execute(SQL["delete_queue_messages"], queue_id=queue.id)
     tx.execute(SQL["delete_queue"], id=queue.id)
     tx.execute(SQL["delete_queue_counts"], queue_id=queue.id)
+    tx.execute(SQL["delete_queue_idempotency_keys"], prefix=f"{queue.id}:%")
     for status, n in counts.items():
         tx.count_deltas[(queue.id, status)] -= n
     deleted = sum(counts.values())

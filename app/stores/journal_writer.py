@@ -38,6 +38,7 @@ SQL = load("journal.sql")
 EventListener = Callable[[list[Event]], None]
 T = TypeVar("T")
 Outcome = tuple["Op", Any, BaseException | None]
+SUBMIT_TIMEOUT_SECONDS = 30.0
 
 
 @dataclass
@@ -83,6 +84,7 @@ class JournalWriter:
         self._conn: sqlite3.Connection | None = None
         self._inbox: asyncio.Queue[Op | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         """Open the connection, create the schema and load the caches (on the writer thread)."""
@@ -90,6 +92,7 @@ class JournalWriter:
         self._task = asyncio.create_task(self._loop(), name="journal-writer")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._inbox.put_nowait(None)  # the loop drains what was queued before this, then stops
             await self._task
@@ -98,11 +101,22 @@ class JournalWriter:
         self._thread.shutdown(wait=True)
         os.close(self._lock_fd)
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._stopping
+
     async def submit(self, op: Op) -> Any:
-        if self._task is None or self._task.done():
+        if not self.running:
             raise JournalUnavailable("The journal is not accepting writes")
         self._inbox.put_nowait(op)
-        return await op.future
+        try:
+            async with asyncio.timeout(SUBMIT_TIMEOUT_SECONDS):  # a stalled disk or a stopped peer holding the lock
+                return await asyncio.shield(op.future)
+        except TimeoutError:
+            raise JournalUnavailable(
+                f"The journal did not commit within {SUBMIT_TIMEOUT_SECONDS:g}s; the outcome is unknown, retry "
+                "(with an Idempotency-Key for publishes)", retry_after=5
+            ) from None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the writer thread (where the connection lives)."""
@@ -173,7 +187,11 @@ class JournalWriter:
                 self._rollback()
                 self.state.generation = -1  # reload everything next time
                 raise
-            self._adopt(tx)
+            try:
+                self._adopt(tx)
+            except Exception:  # committed all the same: answer the callers, reload the caches next time
+                log.exception("journal caches not updated after a commit; reloading them")
+                self.state.generation = -1
         return tx, outcomes
 
     def _load_rows(self, ids: set[int]) -> dict[int, Row]:
@@ -209,6 +227,9 @@ class JournalWriter:
         if deltas:
             conn.executemany(SQL["add_count"], deltas)
         conn.execute(SQL["set_generation"], {"generation": self.state.generation + 1})
+        if tx.inserted or tx.deleted or tx.statements:  # ids were handed out or rows removed: keep the marks
+            conn.execute(SQL["set_high_water"],
+                         {"message_id": tx.counters.message_id, "queue_id": tx.counters.queue_id})
 
     def _rollback(self) -> None:
         try:
@@ -290,7 +311,10 @@ class JournalWriter:
         self.stats.last_batch_size = size
         self.stats.last_commit_seconds = seconds
         for observe in self.commit_observers:
-            observe(size, seconds)
+            try:
+                observe(size, seconds)
+            except Exception:  # an observer (metrics) must never stop the writer
+                log.exception("journal commit observer failed")
 
 
 def _apply(op: Op, tx: Tx) -> Outcome:

@@ -25,19 +25,20 @@ LIVE = (PENDING, DELAYED, PROCESSING)
 
 
 @dataclass(frozen=True)
-class DeliveryOutcome:
-    delivered: list[Row]
-    # Ids Redis handed out that the journal refused (a stale copy): each with the deadline of the lease that
-    # legitimately holds it, if any, so the caller can restore that lease in Redis.
-    refused: list[tuple[int, float | None]]
-
-
-@dataclass(frozen=True)
 class Moved:
     """A message after a transition, and the queue it was in before (it differs after a dead-letter or redrive)."""
 
     row: Row
     from_queue_id: int
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    delivered: list[Row]
+    # Ids Redis handed out that the journal refused (a stale copy): each with the deadline of the lease that
+    # legitimately holds it, if any, so the caller can restore that lease in Redis.
+    refused: list[tuple[int, float | None]]
+    dead_lettered: list[Moved]
 
 
 def scope_key(queue: Queue, key: str) -> str:
@@ -86,6 +87,7 @@ def record_deliveries(tx: Tx, queue: Queue, ids: list[int], lease_expires_at: fl
     tx.require_queue(queue)
     delivered: list[Row] = []
     refused: list[tuple[int, float | None]] = []
+    moved: list[Moved] = []
     for message_id in ids:
         row = tx.rows.get(message_id)
         if row is None or row["queue_id"] != queue.id:
@@ -97,6 +99,10 @@ def record_deliveries(tx: Tx, queue: Queue, ids: list[int], lease_expires_at: fl
             continue
         if status == PROCESSING:
             _expire(tx, row, queue)
+            if row["queue_id"] != queue.id:  # dead-lettered at its delivery limit: it belongs to the DLQ now
+                refused.append((message_id, None))
+                moved.append(Moved(row, queue.id))
+                continue
         due = status == DELAYED and row["available_at"] <= tx.now + SLACK_SECONDS
         if row["status"] != PENDING and not due:
             refused.append((message_id, None))
@@ -109,7 +115,7 @@ def record_deliveries(tx: Tx, queue: Queue, ids: list[int], lease_expires_at: fl
             delivery_count=count, lease_id=lease_id, lease_expires_at=lease_expires_at, delivered_at=tx.now,
         )
         delivered.append(row)
-    return DeliveryOutcome(delivered, refused)
+    return DeliveryOutcome(delivered, refused, moved)
 
 
 def current_delivery(tx: Tx, message_id: int, lease_id: str | None) -> Row:
@@ -203,7 +209,9 @@ def redrive(tx: Tx, queue: Queue, ids: list[int], actor: str) -> list[Moved]:
             continue
         origin = tx.queue_named(row["dead_lettered_from"])
         target = origin if origin is not None else queue
-        if row["status"] != MessageStatus.FAILED.value and target is queue:
+        failed = row["status"] == MessageStatus.FAILED.value
+        waiting_in_dlq = row["status"] == PENDING and origin is not None
+        if not (failed or waiting_in_dlq):  # acked, delivered or delayed since it was picked: leave it
             continue
         tx.transition(
             row, MessageStatus.PENDING, EventType.MESSAGE_REDRIVEN, actor, {"from": queue.name, "to": target.name},

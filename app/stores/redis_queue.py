@@ -57,6 +57,7 @@ class RedisQueueStore:
         self.url = url
         self._timeout = command_timeout
         self._redis: aioredis.Redis | None = None
+        self._blocking: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
 
     async def __aenter__(self) -> RedisQueueStore:
@@ -71,6 +72,10 @@ class RedisQueueStore:
             retry=Retry(ExponentialBackoff(cap=0.25, base=0.01), retries=2),
             retry_on_error=[RedisConnectionError],
         )
+        # Blocking takes (BLMOVE, up to 20 s) on their own connections: no socket timeout cutting them short and no
+        # retry re-issuing them; asyncio.timeout bounds each call instead.
+        self._blocking = aioredis.Redis.from_url(self.url, socket_timeout=None, socket_connect_timeout=self._timeout,
+                                                 max_connections=1024)
         self._pipeliner = Pipeliner(self._redis)
         lua = resources.files("app.stores") / "lua"
         for name in _SCRIPTS:
@@ -83,6 +88,9 @@ class RedisQueueStore:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+        if self._blocking is not None:
+            await self._blocking.aclose()
+            self._blocking = None
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -220,7 +228,8 @@ class RedisQueueStore:
         async with _translated("wait"):
             # Redis takes fractional timeouts; the client's type hint says int.
             async with asyncio.timeout(wait_seconds + self._timeout):
-                moved = await self.redis.blmove(k.ready, k.processing, wait_seconds, "RIGHT", "LEFT")  # type: ignore[arg-type]
+                assert self._blocking is not None
+                moved = await self._blocking.blmove(k.ready, k.processing, wait_seconds, "RIGHT", "LEFT")  # type: ignore[arg-type]
             if moved is None:
                 return None
             deadline = time.time() + lease_seconds

@@ -113,7 +113,8 @@ class SqliteJournalStore:
 
     @property
     def healthy(self) -> bool:
-        return self._writer.healthy if self._writer else True
+        """The last commit succeeded and the writer is running (readiness turns red otherwise)."""
+        return self._writer.healthy and self._writer.running if self._writer else True
 
     def add_listener(self, listener: EventListener) -> None:
         """Called with each committed batch's events, after the commit."""
@@ -261,11 +262,14 @@ class SqliteJournalStore:
 
     async def record_deliveries(
         self, queue: Queue, ids: list[int], lease_expires_at: float, actor: str
-    ) -> tuple[list[Message], list[tuple[int, float | None]]]:
+    ) -> tuple[list[Message], list[tuple[int, float | None]], list[Transition]]:
+        """Deliveries made; ids refused (with the deadline of a lease that still holds them); messages that hit
+        their delivery limit on the way and moved to a dead-letter queue."""
         outcome: mops.DeliveryOutcome = await self._submit(
             lambda tx: mops.record_deliveries(tx, queue, ids, lease_expires_at, actor), ids=ids
         )
-        return [message_from_row(r, queue.name) for r in outcome.delivered], outcome.refused
+        delivered = [message_from_row(r, queue.name) for r in outcome.delivered]
+        return delivered, outcome.refused, [self._transition(m) for m in outcome.dead_lettered]
 
     async def ack(self, message_id: int, lease_id: str | None, actor: str) -> Message:
         row: Row = await self._submit(lambda tx: mops.ack(tx, message_id, lease_id, actor), ids=(message_id,))

@@ -240,3 +240,12 @@ async def test_queue_counts_and_oldest_pending_age(client: ApiClient, admin: dic
     queue = (await client.get("/queues/jobs", headers=admin)).json()
     assert queue["counts"] == {"pending": 1, "delayed": 0, "processing": 1, "processed": 0, "failed": 0}
     assert queue["oldest_pending_age_seconds"] >= 0 and queue["message_count"] == 2
+
+
+async def test_a_long_poll_of_several_seconds_on_an_empty_queue_answers_null(
+    client: ApiClient, admin: dict[str, str]
+) -> None:
+    response = await client.get("/queues/jobs/messages/consume?wait=6", headers=admin)  # past the 5 s socket timeout
+    assert response.status_code == 200 and response.json() is None
+    many = await client.post("/queues/jobs/messages/consume", json={"wait": 5.5}, headers=admin)
+    assert many.status_code == 200 and many.json() == {"messages": []}

@@ -230,3 +230,33 @@ async def test_extend_with_a_null_timeout_is_422(client: ApiClient, admin: dict[
     await consume(client, admin, "nul")
     response = await client.post(f"/messages/{message_id}/extend", json={"visibility_timeout": None}, headers=admin)
     assert response.status_code == 422
+
+
+async def test_a_delivery_that_reaches_its_limit_on_lease_expiry_goes_to_the_dead_letter_queue_not_the_caller(
+    client: ApiClient, admin: dict[str, str], broker: Any
+) -> None:
+    await make_queue(client, admin, "dl3")
+    await make_queue(client, admin, "limit1", max_deliveries=1, dead_letter_queue="dl3")
+    message_id = (await publish(client, admin, "limit1"))["message_id"]
+    await consume(client, admin, "limit1", visibility_timeout=0.05)
+    await asyncio.sleep(0.1)
+    # Redis hands the expired id out again before the reaper saw it: the journal dead-letters it instead.
+    await broker.redis.reap("limit1", time.time())
+    assert await consume(client, admin, "limit1") == []
+    [moved] = await consume(client, admin, "dl3", wait=5)
+    assert moved["id"] == message_id
+    assert (await history_types(client, admin, message_id)).count("message.delivered") == 2
+
+
+async def test_redrive_leaves_a_dead_lettered_message_alone_once_it_was_acked(
+    client: ApiClient, admin: dict[str, str]
+) -> None:
+    await make_queue(client, admin, "dl4")
+    await make_queue(client, admin, "src4", max_deliveries=1, dead_letter_queue="dl4")
+    message_id = (await publish(client, admin, "src4"))["message_id"]
+    await consume(client, admin, "src4")
+    await client.post(f"/messages/{message_id}/nack", json={"requeue": True}, headers=admin)
+    [in_dlq] = await consume(client, admin, "dl4")
+    await client.post(f"/messages/{message_id}/ack", json={"lease_id": in_dlq["lease_id"]}, headers=admin)
+    assert (await client.post("/queues/dl4/redrive", headers=admin)).json() == {"moved": 0}
+    assert (await client.get(f"/messages/{message_id}", headers=admin)).json()["status"] == "processed"

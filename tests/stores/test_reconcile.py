@@ -39,7 +39,7 @@ async def world(tmp_path: Path, redis_url: str) -> AsyncIterator[World]:
         for message_id in to_deliver:  # move exactly these ids, as a consumer's take would
             await redis.redis.lrem(keys.queue_keys("q").ready, 1, message_id)
             await redis.redis.lpush(keys.queue_keys("q").processing, message_id)
-        delivered, refused = await journal.record_deliveries(queue, to_deliver, time.time() + 60, "consumer")
+        delivered, refused, _ = await journal.record_deliveries(queue, to_deliver, time.time() + 60, "consumer")
         assert refused == []
         await redis.restore_leases("q", {m.id: m.lease_expires_at or 0 for m in delivered})
         pending = [i for i in ids if i not in to_deliver]

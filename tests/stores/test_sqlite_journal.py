@@ -37,7 +37,7 @@ async def _publish(journal: SqliteJournalStore, queue: Queue, n: int = 1) -> lis
 
 
 async def _deliver(journal: SqliteJournalStore, queue: Queue, message_id: int, lease_seconds: float = 30.0) -> Message:
-    delivered, refused = await journal.record_deliveries(queue, [message_id], time.time() + lease_seconds, "c")
+    delivered, refused, _ = await journal.record_deliveries(queue, [message_id], time.time() + lease_seconds, "c")
     assert refused == []
     assert len(delivered) == 1
     return delivered[0]
@@ -151,7 +151,7 @@ async def test_record_deliveries_refuses_a_message_held_under_a_live_lease(
     (message_id,) = await _publish(journal, queue)
     first = await _deliver(journal, queue, message_id)
 
-    delivered, refused = await journal.record_deliveries(queue, [message_id], time.time() + 30, "other")
+    delivered, refused, _ = await journal.record_deliveries(queue, [message_id], time.time() + 30, "other")
 
     assert delivered == []
     assert refused == [(message_id, first.lease_expires_at)]
@@ -171,7 +171,7 @@ async def test_record_deliveries_refuses_terminal_and_unknown_messages(
     other = await journal.create_queue("other", QueueSettings(), "test")
     (elsewhere,) = await _publish(journal, other)
 
-    delivered, refused = await journal.record_deliveries(
+    delivered, refused, _ = await journal.record_deliveries(
         queue, [done, failed, 999, elsewhere, fresh], time.time() + 30, "c"
     )
 
@@ -224,7 +224,7 @@ async def test_nack_with_requeue_past_max_deliveries_ends_failed_with_the_reason
     assert final.lease_id is None
     history = await journal.history(message_id)
     assert history[-1].type is EventType.MESSAGE_FAILED
-    delivered, refused = await journal.record_deliveries(queue, [message_id], time.time() + 30, "c")
+    delivered, refused, _ = await journal.record_deliveries(queue, [message_id], time.time() + 30, "c")
     assert delivered == [] and refused == [(message_id, None)]
 
 
@@ -412,3 +412,18 @@ async def test_an_operation_failing_unexpectedly_is_answered_and_the_writer_keep
 
         (later,) = await _publish(journal, queue)
         assert (await _message(journal, later)).status is MessageStatus.PENDING
+
+
+async def test_ids_are_never_reused_after_the_newest_message_or_queue_is_deleted(path: Path) -> None:
+    async with SqliteJournalStore(path) as journal:
+        queue = await journal.create_queue("q", QueueSettings(), "test")
+        [first] = await journal.publish(queue, [NewMessage(content='"a"')], "test")
+        await journal.purge_queue(queue, "test")
+        [second] = await journal.publish(queue, [NewMessage(content='"b"')], "test")
+        assert second.message_id > first.message_id
+        await journal.delete_queue(queue, "test")
+    async with SqliteJournalStore(path) as journal:  # and across a restart
+        again = await journal.create_queue("q2", QueueSettings(), "test")
+        assert again.id > queue.id
+        [third] = await journal.publish(again, [NewMessage(content='"c"')], "test")
+        assert third.message_id > second.message_id

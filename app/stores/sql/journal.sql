@@ -59,14 +59,18 @@ CREATE TABLE IF NOT EXISTS queue_counts (
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
 
--- name: schema_version
-SELECT value FROM meta WHERE key = 'schema_version';
-
 -- name: write_state
-SELECT (SELECT coalesce(max(id), 0) FROM messages),
+-- Ids never go down, even when the newest messages or queues were deleted: the high-water marks in meta count.
+SELECT max((SELECT coalesce(max(id), 0) FROM messages),
+           (SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'message_id_high')),
        (SELECT coalesce(max(seq), 0) FROM events),
-       (SELECT coalesce(max(id), 0) FROM queues),
+       max((SELECT coalesce(max(id), 0) FROM queues),
+           (SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'queue_id_high')),
        (SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'generation');
+
+-- name: set_high_water
+INSERT INTO meta (key, value) VALUES ('message_id_high', :message_id), ('queue_id_high', :queue_id)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 
 -- name: generation
 SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'generation';
@@ -95,6 +99,9 @@ ON CONFLICT (queue_id, status) DO UPDATE SET n = n + excluded.n;
 
 -- name: delete_queue_counts
 DELETE FROM queue_counts WHERE queue_id = :queue_id;
+
+-- name: delete_queue_idempotency_keys
+DELETE FROM idempotency_keys WHERE scope_key LIKE :prefix;
 
 -- name: select_queues
 SELECT id, name, created_at, updated_at, settings FROM queues ORDER BY name;
