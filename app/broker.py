@@ -78,8 +78,15 @@ class Broker:
         await self.journal.refresh()
         if dlq == name:
             raise ValidationFailed([{"field": "dead_letter_queue", "message": "a queue cannot be its own DLQ"}])
-        if all(q.name != dlq for q in self.journal.queues()):
+        by_name = {q.name: q for q in self.journal.queues()}
+        if dlq not in by_name:
             raise ValidationFailed([{"field": "dead_letter_queue", "message": f"queue '{dlq}' does not exist"}])
+        seen, hop = {name}, by_name.get(dlq)
+        while hop is not None:  # a message failing in a cycle of dead-letter queues would never end `failed`
+            if hop.name in seen:
+                raise ValidationFailed([{"field": "dead_letter_queue", "message": "dead-letter queues form a cycle"}])
+            seen.add(hop.name)
+            hop = by_name.get(hop.settings.dead_letter_queue or "")
 
     async def delete_queue(self, name: str, actor: str) -> int:
         queue = await self.journal.find_queue(name)
@@ -91,8 +98,12 @@ class Broker:
     async def purge_queue(self, name: str, actor: str) -> int:
         queue = await self.journal.find_queue(name)
         async with self.gate.exclusive():
+            since = await self.journal.last_seq()
             purged = await self.journal.purge_queue(queue, actor)
             await self._redis_after_commit(self.redis.purge(name))
+            # Another broker process may have published to this queue between the commit and the purge of Redis:
+            # put back whatever the journal changed since (duplicates are refused at delivery, never lost).
+            await self._redis_after_commit(self.recovery.catch_up(since))
         return purged
 
     # -- messages ----------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class Reconciler:
         self.gate = gate
         self.redis_up = False
         self.reconciles = 0
+        self.eviction_policy = ""
         self._epoch: str | None = None  # "<redis run_id>:<token>" of the last rebuild this process saw
         self._run_id: str | None = None
         self._dirty = True
@@ -84,7 +85,8 @@ class Reconciler:
             await self.redis.drop_queue(name)
         # Other broker processes kept writing while this one rebuilt; a push of theirs that landed before the
         # swap was replaced by it. Put back every message the journal changed since the rebuild began.
-        await self._catch_up(since)
+        await self.catch_up(since)
+        await self.check_eviction_policy()
         epoch = f"{run_id}:{uuid.uuid4().hex}"
         await self.redis.set_epoch(epoch)
         self._adopt(epoch, run_id)
@@ -92,7 +94,8 @@ class Reconciler:
         self.reconciles += 1
         return ReconcileReport(len(queues), ready, processing, len(leftovers), time.perf_counter() - started)
 
-    async def _catch_up(self, since: int) -> None:
+    async def catch_up(self, since: int) -> None:
+        """Put back in Redis every message the journal changed after `since` (add only: duplicates are harmless)."""
         while True:
             events = await self.journal.events_after(since, limit=5000)
             if not events:
@@ -114,6 +117,13 @@ class Reconciler:
     def _adopt(self, epoch: str, run_id: str) -> None:
         self._epoch, self._run_id = epoch, run_id
         self.redis_up = True
+
+    async def check_eviction_policy(self) -> None:
+        """Redis must never evict the broker's keys: anything but noeviction is reported loudly."""
+        policy = await self.redis.eviction_policy()
+        self.eviction_policy = policy
+        if policy not in ("noeviction", ""):
+            log.error("Redis maxmemory-policy is %r: it may silently drop queue keys; set it to noeviction", policy)
 
     async def _pending(self, queue: Queue) -> AsyncIterator[list[int]]:
         async for chunk in self.journal.ids_by_status(queue, MessageStatus.PENDING):

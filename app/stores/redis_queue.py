@@ -138,6 +138,16 @@ class RedisQueueStore:
             info = await self.redis.info("server")
         return str(info.get("run_id", ""))
 
+    async def eviction_policy(self) -> str:
+        async with _translated("config"):
+            try:
+                found = await self.redis.config_get("maxmemory-policy")
+            except RedisError:  # CONFIG may be disabled on a managed Redis: unknown, not an outage
+                return ""
+        for value in found.values():  # one entry; bytes or str depending on the client's decoding
+            return value.decode() if isinstance(value, bytes) else str(value)
+        return ""
+
     @asynccontextmanager
     async def reconcile_lock(self, hold_seconds: float = 120.0) -> AsyncIterator[None]:
         """One reconciliation at a time across broker processes sharing this Redis."""

@@ -151,3 +151,11 @@ async def test_a_visibility_timeout_of_zero_is_422_not_the_queue_default(
 ) -> None:
     assert_error(await client.get("/queues/q/messages/consume?visibility_timeout=0", headers=admin), 422,
                  "validation_error")
+
+
+async def test_dead_letter_queues_cannot_form_a_cycle(client: ApiClient, admin: dict[str, str]) -> None:
+    assert (await client.post("/queues", json={"name": "d1"}, headers=admin)).status_code == 201
+    second = await client.post("/queues", json={"name": "d2", "dead_letter_queue": "d1"}, headers=admin)
+    assert second.status_code == 201
+    assert_error(await client.patch("/queues/d1", json={"dead_letter_queue": "d2"}, headers=admin), 422,
+                 "validation_error")

@@ -189,3 +189,21 @@ async def test_reconcile_restores_a_delayed_message_with_its_due_time(world: Wor
     assert snap.delayed == pytest.approx({result.message_id: result.available_at}, abs=0.01)
     assert result.message_id not in snap.ready
     assert await world.reconciler.differences() == []
+
+
+async def test_an_eviction_policy_other_than_noeviction_is_reported(tmp_path: Path, redis_url: str) -> None:
+    import redis as redis_client
+
+    from app.gate import Gate
+    from app.recovery import Reconciler
+
+    client = redis_client.Redis.from_url(redis_url)
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        async with SqliteJournalStore(tmp_path / "j.sqlite3") as journal, RedisQueueStore(redis_url) as redis:
+            reconciler = Reconciler(journal, redis, Gate())
+            await reconciler.reconcile()
+            assert reconciler.eviction_policy == "allkeys-lru"
+    finally:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.close()
