@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -135,3 +136,38 @@ def token(base_url: str, username: str = "admin", password: str = ADMIN_PASSWORD
     response = httpx.post(base_url + "/login", data={"username": username, "password": password}, verify=False)
     response.raise_for_status()
     return str(response.json()["access_token"])
+
+
+APT_INSTALL_TIMEOUT = 300.0
+APT_UPDATE_TIMEOUT = 180.0
+
+
+def _run_quietly(command: list[str], timeout: float) -> tuple[bool, str]:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return False, f"`{' '.join(command)}` took more than {timeout:.0f}s"
+    except OSError as exc:
+        return False, f"`{' '.join(command)}`: {exc}"
+    return done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+
+
+def apt_install(package: str) -> str | None:
+    """Install a Debian package a test needs (wrk, prometheus); None when it worked, else why not."""
+    if shutil.which("apt-get") is None:
+        return "apt-get is not available"
+    if os.geteuid() == 0:
+        prefix: list[str] = []
+    elif shutil.which("sudo"):
+        prefix = ["sudo", "-n"]
+    else:
+        return "not root and no sudo to run apt-get"
+    install = [*prefix, "apt-get", "install", "-y", "--no-install-recommends", package]
+    ok, output = _run_quietly(install, APT_INSTALL_TIMEOUT)
+    if not ok:  # the package lists may be missing or stale
+        updated, update_output = _run_quietly([*prefix, "apt-get", "update"], APT_UPDATE_TIMEOUT)
+        if not updated:
+            return f"apt-get update failed: {update_output}"
+        ok, output = _run_quietly(install, APT_INSTALL_TIMEOUT)
+    return None if ok else f"apt-get install {package} failed: {output}"

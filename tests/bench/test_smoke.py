@@ -18,42 +18,14 @@ from typing import NoReturn
 import pytest
 
 from bench.report import SECTIONS, TARGET_NAMES
+from tests.support import apt_install
 
 ROOT = Path(__file__).resolve().parents[2]
-INSTALL_TIMEOUT = 300.0
-UPDATE_TIMEOUT = 180.0
 RUN_TIMEOUT = 240.0
 
 
-def _run(command: list[str], timeout: float) -> tuple[bool, str]:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return False, f"`{' '.join(command)}` took more than {timeout:.0f}s"
-    except OSError as exc:
-        return False, f"`{' '.join(command)}`: {exc}"
-    return done.returncode == 0, (done.stdout + done.stderr)[-2000:]
-
-
 def _install_wrk() -> str | None:
-    """apt-get install wrk; None when it worked, else why not."""
-    if shutil.which("apt-get") is None:
-        return "apt-get is not available"
-    if os.geteuid() == 0:
-        prefix: list[str] = []
-    elif shutil.which("sudo"):
-        prefix = ["sudo", "-n"]
-    else:
-        return "not root and no sudo to run apt-get"
-    install = [*prefix, "apt-get", "install", "-y", "--no-install-recommends", "wrk"]
-    ok, output = _run(install, INSTALL_TIMEOUT)
-    if not ok:  # the package lists may be missing or stale
-        updated, update_output = _run([*prefix, "apt-get", "update"], UPDATE_TIMEOUT)
-        if not updated:
-            return f"apt-get update failed: {update_output}"
-        ok, output = _run(install, INSTALL_TIMEOUT)
-    return None if ok else f"apt-get install wrk failed: {output}"
+    return apt_install("wrk")
 
 
 def _unavailable(message: str) -> NoReturn:
