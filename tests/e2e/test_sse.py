@@ -176,3 +176,30 @@ async def test_events_stream_over_tls_with_the_self_signed_certificate(tmp_path:
         assert [f["event"] for f in got] == ["queue.created", "message.published"]
     finally:
         process.stop()
+
+
+async def test_a_stream_on_one_broker_process_sees_what_another_process_journaled(tmp_path: Path) -> None:
+    from tests.support import RedisProcess
+
+    redis = RedisProcess(tmp_path / "redis").start()
+    first = BrokerProcess(tmp_path / "data", redis_url=redis.url).start()
+    second = BrokerProcess(tmp_path / "data", redis_url=redis.url).start()
+    try:
+        headers = {"Authorization": f"Bearer {token(first.url)}"}
+        async with httpx.AsyncClient(timeout=30) as client:
+            await client.post(f"{first.url}/queues", json={"name": "across"}, headers=headers)
+            ready = asyncio.Event()
+            watcher = asyncio.create_task(collect(client, f"{second.url}/queues/across/events", headers, 3, ready))
+            await ready.wait()
+            await asyncio.sleep(0.2)
+            for n in range(3):  # published through the other process
+                response = await client.post(f"{first.url}/queues/across/messages", json={"content": n},
+                                             headers=headers)
+                assert response.status_code == 201
+            got = await asyncio.wait_for(watcher, 15)
+        assert [f["event"] for f in got] == ["message.published"] * 3
+        assert [f["data"]["queue"] for f in got] == ["across"] * 3
+    finally:
+        first.stop()
+        second.stop()
+        redis.stop()
