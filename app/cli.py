@@ -75,11 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(journal_check(Settings.from_env()))
         return client_command(args)
     except SettingsError as exc:
-        print(f"broker: {exc}", file=sys.stderr)
+        complain(str(exc))
         return EXIT_ERROR
     except BrokerError as exc:
-        print(f"broker: {exc.detail}", file=sys.stderr)
+        complain(exc.detail)
         return EXIT_ERROR
+
+
+def complain(message: str) -> None:
+    print("broker:", message, file=sys.stderr)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -157,19 +161,18 @@ async def journal_check(settings: Settings) -> int:
     from app.stores.sqlite_journal import SqliteJournalStore
 
     if not settings.journal_path.exists():
-        print(f"broker: no journal at {settings.journal_path}", file=sys.stderr)
+        complain(f"no journal at {settings.journal_path}")
         return EXIT_ERROR
     url = settings.redis_url or running_url(settings.data_dir)
     if url is None:
-        print(f"broker: no embedded Redis is running for {settings.data_dir} (is the broker running?)",
-              file=sys.stderr)
+        complain(f"no embedded Redis is running for {settings.data_dir} (is the broker running?)")
         return EXIT_ERROR
     async with (
         SqliteJournalStore(settings.journal_path, read_only=True) as journal,
         RedisQueueStore(url) as redis,
     ):
         if not await redis.ping():
-            print(f"broker: Redis at {url} does not answer (is the broker running?)", file=sys.stderr)
+            complain(f"Redis at {url} does not answer (is the broker running?)")
             return EXIT_ERROR
         differences = await Reconciler(journal, redis, Gate()).differences()
     for line in differences:
