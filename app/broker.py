@@ -259,9 +259,13 @@ class Broker:
         queue = await self.journal.find_queue(name)
         async with self.gate.shared():
             changes = await self.journal.redrive(queue, limit, actor)
+            by_queue: dict[str, list[int]] = {}
             for change in changes:
-                # A copy left in the dead-letter queue's ready list is refused at delivery (wrong queue).
-                await self._redis_after_commit(self.redis.enqueue(change.message.queue, [change.message.id]))
+                by_queue.setdefault(change.message.queue, []).append(change.message.id)
+            # One push per target queue (up to 10,000 ids). A copy left in the dead-letter queue's ready list is
+            # refused at delivery (wrong queue).
+            await asyncio.gather(*(self._redis_after_commit(self.redis.enqueue(target, ids))
+                                   for target, ids in by_queue.items()))
         return len(changes)
 
     async def message(self, message_id: int) -> Message | None:
