@@ -120,7 +120,10 @@ def serve(args: argparse.Namespace) -> int:
         clear_multiprocess_dir(settings.metrics_dir)
     settings.export()
     try:
-        uvicorn.run("app.application:app_from_env", factory=True, workers=settings.workers, **options)
+        # A worker that misses uvicorn's health ping is killed, cutting its connections: under a CPU-starved start
+        # (2 cores, a load test) 5 s is too tight, so allow 30.
+        uvicorn.run("app.application:app_from_env", factory=True, workers=settings.workers,
+                    timeout_worker_healthcheck=30, **options)
     finally:
         if embedded is not None:
             embedded.stop()

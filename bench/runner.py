@@ -377,31 +377,37 @@ class Bench:
         broker = BrokerServer(data, self.redis.url, workers=workers, sync=sync)
         broker.start()
         try:
-            assert broker.rss is not None
-            self.results.rss_idle.setdefault(config, []).append(broker.rss.sample())
-            token = broker.login()
-            for queue in QUEUES.values():
-                broker.create_queue(token, queue)
-            warm = run_wrk(self._publish_url(broker, "warmup"), self.bodies["single"], token, 16,
-                           self.options.warmup)
-            if warm.requests == 0 or warm.status_errors == warm.requests:
-                raise RuntimeError(f"broker {config} answers no publish with 201:\n{broker.log_tail()}")
-            for figure in figures:
-                if figure == "publish":
-                    for c in CONCURRENCY:
-                        self.publish(broker, token, f"{config}.publish.c{c}", c, baseline[c])
-                elif figure == "publish64":
-                    self.publish(broker, token, f"{config}.publish.c64", 64, baseline[64])
-                elif figure == "batch":
-                    self.batch(broker, token, f"{config}.batch", baseline[BATCH_CONNECTIONS])
-                elif figure == "consume":
-                    self.consume(broker, token, f"{config}.consume", baseline[CONSUMERS])
-                elif figure == "latency":
-                    self.latency(broker, token, f"{config}.latency")
-            self.results.rss_peak.setdefault(config, []).append(broker.rss.peak)
+            self._measure(broker, config, run, baseline, figures)
+        except Exception as exc:  # keep the broker's own account of what went wrong with the failure
+            raise RuntimeError(f"{type(exc).__name__}: {exc}\n-- broker log:\n{broker.log_tail(3000)}") from exc
         finally:
             broker.stop()
             shutil.rmtree(data, ignore_errors=True)
+
+    def _measure(self, broker: BrokerServer, config: str, run: int, baseline: dict[int, float],
+                 figures: list[str]) -> None:
+        assert broker.rss is not None
+        self.results.rss_idle.setdefault(config, []).append(broker.rss.sample())
+        token = broker.login()
+        for queue in QUEUES.values():
+            broker.create_queue(token, queue)
+        warm = run_wrk(self._publish_url(broker, "warmup"), self.bodies["single"], token, 16,
+                       self.options.warmup)
+        if warm.requests == 0 or warm.status_errors == warm.requests:
+            raise RuntimeError(f"broker {config} answers no publish with 201:\n{broker.log_tail()}")
+        for figure in figures:
+            if figure == "publish":
+                for c in CONCURRENCY:
+                    self.publish(broker, token, f"{config}.publish.c{c}", c, baseline[c])
+            elif figure == "publish64":
+                self.publish(broker, token, f"{config}.publish.c64", 64, baseline[64])
+            elif figure == "batch":
+                self.batch(broker, token, f"{config}.batch", baseline[BATCH_CONNECTIONS])
+            elif figure == "consume":
+                self.consume(broker, token, f"{config}.consume", baseline[CONSUMERS])
+            elif figure == "latency":
+                self.latency(broker, token, f"{config}.latency")
+        self.results.rss_peak.setdefault(config, []).append(broker.rss.peak)
 
     def _publish_url(self, broker: BrokerServer, queue: str) -> str:
         return f"{broker.url}/queues/{QUEUES[queue]}/messages"

@@ -135,10 +135,11 @@ class JournalWriter:
 
     def _open(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        for pragma in ("journal_mode = WAL", f"synchronous = {self.sync.upper()}", "busy_timeout = 10000"):
-            conn.execute(f"PRAGMA {pragma}")
+        conn.execute("PRAGMA busy_timeout = 10000")  # first: another process may be creating the same journal
         self._conn = conn
-        with self._locked():
+        with self._locked():  # worker processes start together: one at a time sets WAL and creates the schema
+            for pragma in ("journal_mode = WAL", f"synchronous = {self.sync.upper()}"):
+                conn.execute(f"PRAGMA {pragma}")
             conn.executescript(SQL["schema"])
             if not conn.execute(SQL["counts_ready"]).fetchall():
                 conn.executescript(f"BEGIN IMMEDIATE;\n{SQL['init_counts']}\nCOMMIT;")
