@@ -16,6 +16,14 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+MAX_ID = 2**63 - 1  # message, queue and event ids are SQLite INTEGERs
+
+
+def is_valid_id(value: int) -> bool:
+    """Whether `value` could name a message at all (another number names none, and would not bind)."""
+    return 0 < value <= MAX_ID
+
+
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,254}$")
 
 
@@ -26,12 +34,6 @@ class MessageStatus(StrEnum):
     PROCESSED = "processed"
     FAILED = "failed"
 
-    @property
-    def is_terminal(self) -> bool:
-        return self in (MessageStatus.PROCESSED, MessageStatus.FAILED)
-
-
-LIVE_STATUSES = (MessageStatus.PENDING, MessageStatus.DELAYED, MessageStatus.PROCESSING)
 
 
 class Role(StrEnum):

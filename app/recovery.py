@@ -42,7 +42,6 @@ class Reconciler:
         self.reconciles = 0
         self.eviction_policy = ""
         self._epoch: str | None = None  # "<redis run_id>:<token>" of the last rebuild this process saw
-        self._run_id: str | None = None
         self._dirty = True
 
     def mark_dirty(self) -> None:
@@ -62,7 +61,7 @@ class Reconciler:
             run_id = await self.redis.run_id()
             epoch = await self.redis.get_epoch()
             if not force and not self._dirty and epoch is not None and epoch.startswith(run_id + ":"):
-                self._adopt(epoch, run_id)
+                self._adopt(epoch)
                 return None
             async with self.gate.exclusive():
                 report = await self._rebuild(run_id)
@@ -89,7 +88,7 @@ class Reconciler:
         await self.check_eviction_policy()
         epoch = f"{run_id}:{uuid.uuid4().hex}"
         await self.redis.set_epoch(epoch)
-        self._adopt(epoch, run_id)
+        self._adopt(epoch)
         self._dirty = False
         self.reconciles += 1
         return ReconcileReport(len(queues), ready, processing, len(leftovers), time.perf_counter() - started)
@@ -114,8 +113,8 @@ class Reconciler:
             for queue, (pending, delayed, leased) in by_queue.items():
                 await self.redis.restore(queue, pending, delayed, leased)
 
-    def _adopt(self, epoch: str, run_id: str) -> None:
-        self._epoch, self._run_id = epoch, run_id
+    def _adopt(self, epoch: str) -> None:
+        self._epoch = epoch
         self.redis_up = True
 
     async def check_eviction_policy(self) -> None:
@@ -151,7 +150,7 @@ class Reconciler:
             current = epoch is not None and epoch.startswith(run_id + ":")
             if current and not self._dirty:
                 if epoch != self._epoch:  # another broker process rebuilt it
-                    self._adopt(epoch, run_id)  # type: ignore[arg-type]
+                    self._adopt(epoch)  # type: ignore[arg-type]
                 self.redis_up = True
                 return False
             log.warning("Redis was lost or is behind the journal; rebuilding it")

@@ -10,11 +10,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.api import render
-from app.api.common import MAX_ID, requires, state
+from app.api.common import requires, state
 from app.api.queues import queue_name
 from app.errors import ValidationFailed
 from app.fanout import EventFilter, EventHub, SubscriberOverflow
-from app.models import EventType, Principal
+from app.models import MAX_ID, EventType, Principal
 
 PING_SECONDS = 15
 SEND_TIMEOUT_SECONDS = 30  # a client that does not take a frame for this long is cut off

@@ -17,7 +17,7 @@ from app.broker import Broker
 from app.errors import BadRequest, Forbidden, MessageNotFound, TooLarge, Unauthorized, ValidationFailed
 from app.fanout import EventHub
 from app.metrics import Metrics
-from app.models import Principal, Role
+from app.models import Principal, Role, is_valid_id
 from app.settings import Settings
 
 
@@ -178,16 +178,13 @@ def text(data: dict[str, Any], field: str, *, required: bool = False, max_length
     return value
 
 
-MAX_ID = 2**63 - 1  # SQLite's INTEGER
-
-
 def message_id_param(request: Request) -> int:
     raw = request.path_params["message_id"]
     try:
         message_id = int(raw)
     except (TypeError, ValueError):
         raise BadRequest(f"'{raw}' is not a valid message id", code="invalid_id") from None
-    if not 0 < message_id <= MAX_ID:
+    if not is_valid_id(message_id):
         raise MessageNotFound(message_id)  # no such id can exist
     return message_id
 

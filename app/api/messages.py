@@ -10,7 +10,6 @@ from starlette.responses import Response
 
 from app.api import render
 from app.api.common import (
-    MAX_ID,
     JSONResponse,
     check_size,
     flag,
@@ -27,7 +26,7 @@ from app.api.common import (
 from app.api.queues import MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT, queue_name
 from app.broker import MAX_CONSUME, MAX_WAIT_SECONDS
 from app.errors import MessageNotFound, ValidationFailed
-from app.models import MessageStatus, NewMessage, Principal, Queue, Role, iso
+from app.models import MAX_ID, MessageStatus, NewMessage, Principal, Queue, Role, iso
 
 MAX_BATCH = 1000
 MAX_BROWSE = 500

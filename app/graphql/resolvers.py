@@ -19,14 +19,14 @@ from graphql import GraphQLResolveInfo, ValueNode, value_from_ast_untyped
 
 from app import __version__
 from app.api import render
-from app.api.common import MAX_ID, integer, number, text
+from app.api.common import integer, number, text
 from app.api.messages import MAX_BROWSE, MAX_DELAY_SECONDS, MAX_IDEMPOTENCY_KEY, parse_message
 from app.api.queues import MAX_REDRIVE, MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT, queue_name, settings_changes
 from app.broker import MAX_CONSUME, MAX_WAIT_SECONDS
 from app.errors import Conflict, MessageNotFound, ValidationFailed
 from app.fanout import EventFilter, EventHub, SubscriberOverflow
 from app.graphql.context import GraphQLContext
-from app.models import Delivery, Event, Message, MessageStatus, QueueSettings, Role, iso
+from app.models import Delivery, Event, Message, MessageStatus, QueueSettings, Role, is_valid_id, iso
 from app.sse import parse_types
 
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
@@ -42,7 +42,7 @@ event_type = ObjectType("Event")
 
 
 def valid_message_id(value: int) -> int:
-    if not 0 < value <= MAX_ID:
+    if not is_valid_id(value):
         raise MessageNotFound(value)  # no such id can exist
     return value
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +50,6 @@ class Tx:
     events: list[Event] = field(default_factory=list)
     statements: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     count_deltas: Counter[tuple[int, str]] = field(default_factory=Counter)
-    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
     def event(
         self,

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import orjson
 
 from app.errors import BrokerError, JournalUnavailable
-from app.models import Event, Queue
+from app.models import Event, Queue, is_valid_id
 from app.stores.journal_tx import Counters, Row, Tx, event_params, queue_from_row, row_from_tuple
 from app.stores.sql_blocks import load
 
@@ -196,7 +196,7 @@ class JournalWriter:
         return tx, outcomes
 
     def _load_rows(self, ids: set[int]) -> dict[int, Row]:
-        ids = {i for i in ids if 0 < i < 2**63}  # others cannot exist (and would not bind)
+        ids = {i for i in ids if is_valid_id(i)}
         if not ids:
             return {}
         assert self._conn is not None

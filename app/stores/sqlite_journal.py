@@ -20,7 +20,18 @@ import aiosqlite
 import orjson
 
 from app.errors import JournalUnavailable, QueueNotFound
-from app.models import Event, Message, MessageStatus, NewMessage, PublishResult, Queue, QueueSettings, Role, User
+from app.models import (
+    Event,
+    Message,
+    MessageStatus,
+    NewMessage,
+    PublishResult,
+    Queue,
+    QueueSettings,
+    Role,
+    User,
+    is_valid_id,
+)
 from app.stores import journal_ops as ops
 from app.stores import message_ops as mops
 from app.stores.journal_tx import (
@@ -171,18 +182,18 @@ class SqliteJournalStore:
         return rows[0][0] if rows else None
 
     async def get_message(self, message_id: int) -> Message | None:
-        if not _valid_id(message_id):
+        if not is_valid_id(message_id):
             return None
         rows = await self._read(SQL["select_message"], id=message_id)
         return self._message(row_from_tuple(rows[0])) if rows else None
 
     async def history(self, message_id: int) -> list[Event]:
-        if not _valid_id(message_id):
+        if not is_valid_id(message_id):
             return []
         return [event_from_row(r) for r in await self._read(SQL["message_events"], message_id=message_id)]
 
     async def last_seq(self) -> int:
-        [(seq,)] = await self._read("SELECT coalesce(max(seq), 0) FROM events")
+        [(seq,)] = await self._read(SQL["last_seq"])
         return int(seq)
 
     async def get_messages(self, ids: list[int]) -> list[Message]:
@@ -335,11 +346,6 @@ class SqliteJournalStore:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         result: T = await self._writer.submit(Op(apply, future, tuple(ids), alone, idempotency_keys))
         return result
-
-
-def _valid_id(message_id: int) -> bool:
-    """Ids are SQLite INTEGERs; another number names no message (and would not bind)."""
-    return 0 < message_id < 2**63
 
 
 def _user(row: tuple[Any, ...]) -> User:

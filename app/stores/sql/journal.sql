@@ -72,6 +72,9 @@ SELECT max((SELECT coalesce(max(id), 0) FROM messages),
 INSERT INTO meta (key, value) VALUES ('message_id_high', :message_id), ('queue_id_high', :queue_id)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 
+-- name: last_seq
+SELECT coalesce(max(seq), 0) FROM events;
+
 -- name: generation
 SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'generation';
 
