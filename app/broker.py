@@ -113,21 +113,34 @@ class Broker:
         queue = await self.journal.find_queue(name)
         if not self.recovery.redis_up:
             raise RedisUnavailable("Redis is unavailable; nothing was published, retry later")
-        # Shielded: a caller that goes away (a closed connection, a cancelled subscription) must not leave a
-        # committed message unpushed.
-        return await asyncio.shield(self._publish(queue, items, actor))
-
-    async def _publish(self, queue: Queue, items: list[NewMessage], actor: str) -> list[PublishResult]:
         # The gate spans the commit and the push, so a rebuild of Redis sees the message either in the journal
         # and not yet pushed (and pushes it itself) or pushed; never pushed twice.
         async with self.gate.shared():
-            results = await self.journal.publish(queue, items, actor)
-            fresh = [r for r in results if not r.duplicate]
-            ready = [r.message_id for r in fresh if r.status is MessageStatus.PENDING]
-            due = {r.message_id: r.available_at for r in fresh if r.status is MessageStatus.DELAYED}
-            await self._redis_after_commit(self.redis.enqueue(queue.name, ready))
-            await self._redis_after_commit(self.redis.schedule(queue.name, due))
+            committed = self.journal.publish(queue, items, actor)
+            try:
+                results = await asyncio.shield(committed)
+            except asyncio.CancelledError:
+                # The caller went away (a closed connection, a cancelled subscription): the publish commits all
+                # the same, and its ids must still reach Redis. (A rebuild that slips in before that push has put
+                # them there already: the second copy is refused at delivery.)
+                committed.add_done_callback(lambda done: self._spawn(self._push_committed(queue.name, done)))
+                raise
+            await self._push_published(queue.name, results)
         return results
+
+    async def _push_committed(self, queue: str, committed: asyncio.Future[list[PublishResult]]) -> None:
+        if not committed.cancelled() and committed.exception() is None:
+            async with self.gate.shared():
+                await self._push_published(queue, committed.result())
+
+    async def _push_published(self, queue: str, results: list[PublishResult]) -> None:
+        fresh = [r for r in results if not r.duplicate]
+        ready = [r.message_id for r in fresh if r.status is MessageStatus.PENDING]
+        if ready:
+            await self._redis_after_commit(self.redis.enqueue(queue, ready))
+        due = {r.message_id: r.available_at for r in fresh if r.status is MessageStatus.DELAYED}
+        if due:
+            await self._redis_after_commit(self.redis.schedule(queue, due))
 
     async def consume(
         self, name: str, *, max_messages: int = 1, wait: float = 0.0, visibility_timeout: float | None = None,

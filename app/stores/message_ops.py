@@ -45,17 +45,17 @@ def scope_key(queue: Queue, key: str) -> str:
     return f"{queue.id}:{key}"
 
 
-def publish(tx: Tx, queue: Queue, items: list[NewMessage], actor: str) -> list[tuple[PublishResult, Row | None]]:
+def publish(tx: Tx, queue: Queue, items: list[NewMessage], actor: str) -> list[PublishResult]:
     tx.require_queue(queue)
     fresh = [item for item in items if _duplicate(tx, queue, item) is None]
     limit = queue.settings.max_length
     if limit is not None and tx.live_count(queue.id, LIVE) + len(fresh) > limit:
         raise RateLimited(f"Queue '{queue.name}' is full ({limit} messages); retry later", 1, code="queue_full")
-    results: list[tuple[PublishResult, Row | None]] = []
+    results: list[PublishResult] = []
     for item in items:
         duplicate = _duplicate(tx, queue, item)
         if duplicate is not None:
-            results.append((duplicate, None))
+            results.append(duplicate)
             continue
         status = MessageStatus.DELAYED if item.delay_seconds > 0 else MessageStatus.PENDING
         row = new_message_row(queue, item.content, item.headers, status, tx.now, tx.now + item.delay_seconds)
@@ -64,7 +64,7 @@ def publish(tx: Tx, queue: Queue, items: list[NewMessage], actor: str) -> list[t
             scope = scope_key(queue, item.idempotency_key)
             tx.idempotency[scope] = (row["id"], tx.now, status.value)
             tx.execute(SQL["upsert_idempotency_key"], scope_key=scope, message_id=row["id"], created_at=tx.now)
-        results.append((PublishResult(row["id"], status, available_at=row["available_at"]), row))
+        results.append(PublishResult(row["id"], status, available_at=row["available_at"]))
     return results
 
 

@@ -264,12 +264,12 @@ class SqliteJournalStore:
     async def purge_queue(self, queue: Queue, actor: str) -> int:
         return await self._submit(lambda tx: ops.purge_queue(tx, queue, actor), alone=True)
 
-    async def publish(self, queue: Queue, items: list[NewMessage], actor: str) -> list[PublishResult]:
+    def publish(self, queue: Queue, items: list[NewMessage], actor: str) -> asyncio.Future[list[PublishResult]]:
+        """Queue a publish for the next group commit. The future resolves once it is durable; the publish commits
+        even if nobody awaits the future any more (a caller that went away still needs its ids pushed)."""
         keys = tuple(mops.scope_key(queue, i.idempotency_key) for i in items if i.idempotency_key is not None)
-        outcomes: list[tuple[PublishResult, Row | None]] = await self._submit(
-            lambda tx: mops.publish(tx, queue, items, actor), idempotency_keys=keys
-        )
-        return [result for result, _ in outcomes]
+        return self._queue_op(lambda tx: mops.publish(tx, queue, items, actor), idempotency_keys=keys,
+                              rows=len(items))
 
     async def record_deliveries(
         self, queue: Queue, ids: list[int], lease_expires_at: float, actor: str
@@ -341,11 +341,17 @@ class SqliteJournalStore:
 
     async def _submit(self, apply: Callable[[Tx], T], *, ids: Iterable[int] = (), alone: bool = False,
                       idempotency_keys: tuple[str, ...] = ()) -> T:
+        ids = tuple(ids)
+        result: T = await self._queue_op(apply, ids=ids, alone=alone, idempotency_keys=idempotency_keys,
+                                         rows=max(1, len(ids)))
+        return result
+
+    def _queue_op(self, apply: Callable[[Tx], T], *, ids: tuple[int, ...] = (), alone: bool = False,
+                  idempotency_keys: tuple[str, ...] = (), rows: int = 1) -> asyncio.Future[T]:
         if self._writer is None:
             raise JournalUnavailable("The journal is open read-only")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        result: T = await self._writer.submit(Op(apply, future, tuple(ids), alone, idempotency_keys))
-        return result
+        return self._writer.submit(Op(apply, future, ids, alone, idempotency_keys, rows))
 
 
 def _user(row: tuple[Any, ...]) -> User:
