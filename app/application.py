@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -89,7 +90,19 @@ def app_from_env() -> Starlette:
 
     settings = Settings.from_env()
     configure_logging(settings)
-    return create_app(settings)
+    app = create_app(settings)
+    tune_gc()
+    return app
+
+
+def tune_gc() -> None:
+    """For a serving process, once its app is built: the interpreter's cycle collector otherwise scans every
+    object the imports made (hundreds of thousands) in each full collection, a pause of tens of milliseconds that
+    showed as the p99 of a publish. Freezing them leaves its scans to what requests allocate; the higher first
+    threshold lets short bursts of allocation pass without a collection."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 def create_app(settings: Settings) -> Starlette:

@@ -89,7 +89,7 @@ def complain(message: str) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.application import create_app
+    from app.application import create_app, tune_gc
     from app.auth import load_or_create_secret
     from app.logs import configure_logging
     from app.metrics import clear_multiprocess_dir
@@ -106,7 +106,9 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30, access_log=False, log_config=None,
     )
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **options)
+        app = create_app(settings)
+        tune_gc()
+        uvicorn.run(app, **options)
         return 0
     # Several worker processes share one journal and one Redis: this process makes what they must share
     # (the signing secret, the embedded Redis) before they start, and hands them the settings by environment.
