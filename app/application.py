@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 from app import sse
 from app.api import admin, auth, messages, ops, queues, users
 from app.api.common import AppState, JSONResponse
+from app.api.hot import HotPath
 from app.api.middleware import BodyLimit, ObserveRequests
 from app.auth import TokenService, load_or_create_secret
 from app.broker import Broker
@@ -43,15 +44,8 @@ log = logging.getLogger(__name__)
 
 def routes() -> list[Route | Mount | WebSocketRoute]:
     graphql = graphql_app()
+    # The message hot path (publish, consume, ack, nack, extend) is served before these: api/hot.py, ROUTES.
     return [
-        # The message hot path first: Starlette tries routes in order, a regex match each.
-        Route("/queues/{queue}/messages", messages.publish, methods=["POST"]),
-        Route("/queues/{queue}/messages/batch", messages.publish_batch, methods=["POST"]),
-        Route("/queues/{queue}/messages/consume", messages.consume_one, methods=["GET"]),
-        Route("/queues/{queue}/messages/consume", messages.consume_many, methods=["POST"]),
-        Route("/messages/{message_id}/ack", messages.ack, methods=["POST"]),
-        Route("/messages/{message_id}/nack", messages.nack, methods=["POST"]),
-        Route("/messages/{message_id}/extend", messages.extend, methods=["POST"]),
         Route("/", ops.root, methods=["GET"]),
         Route("/health/live", ops.live, methods=["GET"]),
         Route("/health/ready", ops.ready, methods=["GET"]),
@@ -111,10 +105,11 @@ def create_app(settings: Settings) -> Starlette:
         async with AsyncExitStack() as stack:
             yield await open_broker(settings, stack)
 
-    middleware = [Middleware(ObserveRequests), Middleware(BodyLimit, max_bytes=settings.max_body_bytes)]
-    if settings.cors_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                                     allow_methods=["*"], allow_headers=["*"]))
+    middleware = [Middleware(HotPath, max_body_bytes=settings.max_body_bytes), Middleware(ObserveRequests),
+                  Middleware(BodyLimit, max_bytes=settings.max_body_bytes)]
+    if settings.cors_origins:  # outermost, so that the hot path's answers carry its headers too
+        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                                        allow_methods=["*"], allow_headers=["*"]))
     return Starlette(
         routes=routes(),
         middleware=middleware,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypedDict, cast
+from urllib.parse import parse_qsl
 
 import orjson
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -44,8 +45,43 @@ def state(request: Request) -> AppState:
     return cast(AppState, request.state._state)
 
 
-async def read_json(request: Request, *, required: bool = True) -> Any:
-    body = await request.body()
+class Call:
+    """One request on the message hot path (api/hot.py), as its handler sees it: the app state, the path's one
+    parameter (a queue name or a message id), headers, query string and the whole body, read already."""
+
+    __slots__ = ("_query", "body", "headers", "param", "query_string", "state")
+
+    def __init__(self, state: AppState, param: str, headers: list[tuple[bytes, bytes]], query_string: bytes,
+                 body: bytes) -> None:
+        self.state = state
+        self.param = param
+        self.headers = headers
+        self.query_string = query_string
+        self.body = body
+        self._query: dict[str, str] | None = None
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of a header (`name` in lower case), as Starlette's `request.headers.get`."""
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    @property
+    def query(self) -> dict[str, str]:
+        """Query parameters (the last value of a repeated one), as Starlette's `request.query_params`."""
+        if self._query is None:
+            self._query = dict(parse_qsl(self.query_string.decode("latin-1"), keep_blank_values=True))
+        return self._query
+
+    def json_object(self, *, required: bool = True) -> dict[str, Any]:
+        return parse_object(self.body, required=required)
+
+
+Reply = tuple[int, Any]  # a hot-path handler's answer: status and the JSON value of the body
+
+
+def parse_json(body: bytes, *, required: bool = True) -> Any:
     if not body.strip():
         if required:
             raise BadRequest("The request body must be JSON", code="invalid_json")
@@ -56,13 +92,21 @@ async def read_json(request: Request, *, required: bool = True) -> Any:
         raise BadRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
 
 
-async def read_object(request: Request, *, required: bool = True) -> dict[str, Any]:
-    data = await read_json(request, required=required)
+def parse_object(body: bytes, *, required: bool = True) -> dict[str, Any]:
+    data = parse_json(body, required=required)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValidationFailed([{"field": "body", "message": "must be a JSON object"}])
     return data
+
+
+async def read_json(request: Request, *, required: bool = True) -> Any:
+    return parse_json(await request.body(), required=required)
+
+
+async def read_object(request: Request, *, required: bool = True) -> dict[str, Any]:
+    return parse_object(await request.body(), required=required)
 
 
 Endpoint = Callable[[Request, Principal], Awaitable[Response]]
@@ -75,9 +119,7 @@ def requires(*roles: Role) -> Callable[[Endpoint], Callable[[Request], Awaitable
         @functools.wraps(endpoint)
         async def wrapper(request: Request) -> Response:
             principal = authenticate(request)
-            if roles and not principal.has_any(*roles):
-                needed = " or ".join(r.value for r in roles)
-                raise Forbidden(f"This call needs the {needed} role")
+            require_role(principal, roles)
             request.scope["principal"] = principal
             return await endpoint(request, principal)
 
@@ -87,11 +129,22 @@ def requires(*roles: Role) -> Callable[[Endpoint], Callable[[Request], Awaitable
 
 
 def authenticate(request: Request, kind: str = "access") -> Principal:
-    header = request.headers.get("authorization", "")
+    return bearer(state(request)["tokens"], request.headers.get("authorization", ""), kind)
+
+
+def bearer(tokens: TokenService, header: str, kind: str = "access") -> Principal:
+    """The caller named by an `Authorization: Bearer <token>` header."""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Not authenticated: send 'Authorization: Bearer <token>'")
-    return state(request)["tokens"].verify(token.strip(), kind)
+    return tokens.verify(token.strip(), kind)
+
+
+def require_role(principal: Principal, roles: tuple[Role, ...]) -> None:
+    """With roles, the caller must hold one of them (admin holds all)."""
+    if roles and not principal.has_any(*roles):
+        needed = " or ".join(r.value for r in roles)
+        raise Forbidden(f"This call needs the {needed} role")
 
 
 # -- input checks: each raises ValidationFailed naming the field --------------------------------------------------
@@ -129,8 +182,8 @@ def integer(data: dict[str, Any], field: str, default: int | None, *, minimum: i
     return value
 
 
-def query_number(request: Request, field: str, default: float, *, maximum: float) -> float:
-    raw = request.query_params.get(field)
+def query_number(params: Mapping[str, str], field: str, default: float, *, maximum: float) -> float:
+    raw = params.get(field)
     if raw is None or raw == "":
         return default
     try:
@@ -142,12 +195,12 @@ def query_number(request: Request, field: str, default: float, *, maximum: float
     return result
 
 
-def optional_number(request: Request, data: dict[str, Any], field: str, *, maximum: float,
+def optional_number(params: Mapping[str, str], data: dict[str, Any], field: str, *, maximum: float,
                     minimum: float = 0) -> float | None:
     """A number from the body, else from the query string (seed clients send query parameters)."""
     if field in data:
         return number(data, field, None, minimum=minimum, maximum=maximum)
-    raw = request.query_params.get(field)
+    raw = params.get(field)
     if raw is None or raw == "":
         return None
     try:
@@ -156,8 +209,8 @@ def optional_number(request: Request, data: dict[str, Any], field: str, *, maxim
         raise _invalid(field, "must be a number") from None
 
 
-def flag(request: Request, data: dict[str, Any], field: str, default: bool) -> bool:
-    value: Any = data.get(field, request.query_params.get(field, default))
+def flag(params: Mapping[str, str], data: dict[str, Any], field: str, default: bool) -> bool:
+    value: Any = data.get(field, params.get(field, default))
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
@@ -178,8 +231,7 @@ def text(data: dict[str, Any], field: str, *, required: bool = False, max_length
     return value
 
 
-def message_id_param(request: Request) -> int:
-    raw = request.path_params["message_id"]
+def message_id_param(raw: str) -> int:
     try:
         message_id = int(raw)
     except (TypeError, ValueError):

@@ -1,4 +1,5 @@
-"""REST handlers for messages: publish, consume, ack, nack, read, history, browse."""
+"""REST handlers for messages: publish, consume, ack, nack and extend (the hot path, served by api/hot.py), and
+reading a message, its history, or a queue's messages (Starlette routes)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from starlette.responses import Response
 
 from app.api import render
 from app.api.common import (
+    Call,
     JSONResponse,
+    Reply,
     check_size,
     flag,
     integer,
@@ -18,7 +21,6 @@ from app.api.common import (
     number,
     optional_number,
     query_number,
-    read_object,
     requires,
     state,
     text,
@@ -26,7 +28,7 @@ from app.api.common import (
 from app.api.queues import MAX_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT, queue_name
 from app.broker import MAX_CONSUME, MAX_WAIT_SECONDS
 from app.errors import MessageNotFound, ValidationFailed
-from app.models import MAX_ID, MessageStatus, NewMessage, Principal, Queue, Role, iso
+from app.models import MAX_ID, MessageStatus, NewMessage, Principal, Queue, iso
 
 MAX_BATCH = 1000
 MAX_BROWSE = 500
@@ -56,84 +58,79 @@ def parse_message(data: Any, max_bytes: int, queue: Queue, where: str = "", key:
     return NewMessage(content=content.decode(), headers=headers, delay_seconds=delay, idempotency_key=key)
 
 
-@requires(Role.PRODUCER)
-async def publish(request: Request, principal: Principal) -> Response:
-    app = state(request)
-    queue = await app["broker"].queue(queue_name(request.path_params["queue"]))
-    key = request.headers.get("idempotency-key")
+# -- the hot path (api/hot.py routes these; each takes a Call and answers with a Reply) ----------------------------
+
+
+async def publish(call: Call, principal: Principal) -> Reply:
+    broker = call.state["broker"]
+    queue = await broker.queue(queue_name(call.param))
+    key = call.header(b"idempotency-key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise ValidationFailed([{"field": "Idempotency-Key", "message": f"must be 1-{MAX_IDEMPOTENCY_KEY} characters"}])
-    item = parse_message(await read_object(request), app["settings"].max_message_bytes, queue, key=key)
-    [result] = await app["broker"].publish(queue.name, [item], principal.username)
+    item = parse_message(call.json_object(), call.state["settings"].max_message_bytes, queue, key=key)
+    [result] = await broker.publish(queue.name, [item], principal.username)
     status = result.status.value if result.status is not None else "deleted"
     if result.duplicate:
-        return JSONResponse({"message": "Duplicate of an earlier publish; nothing new was published",
-                             "message_id": result.message_id, "status": status, "duplicate": True})
-    return JSONResponse({"message": "Message published successfully", "message_id": result.message_id,
-                         "status": status}, status_code=201)
+        return 200, {"message": "Duplicate of an earlier publish; nothing new was published",
+                     "message_id": result.message_id, "status": status, "duplicate": True}
+    return 201, {"message": "Message published successfully", "message_id": result.message_id, "status": status}
 
 
-@requires(Role.PRODUCER)
-async def publish_batch(request: Request, principal: Principal) -> Response:
-    app = state(request)
-    queue = await app["broker"].queue(queue_name(request.path_params["queue"]))
-    messages = (await read_object(request)).get("messages")
+async def publish_batch(call: Call, principal: Principal) -> Reply:
+    broker = call.state["broker"]
+    queue = await broker.queue(queue_name(call.param))
+    messages = call.json_object().get("messages")
     if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_BATCH:
         raise ValidationFailed([{"field": "messages", "message": f"must be a list of 1 to {MAX_BATCH} messages"}])
-    limit = app["settings"].max_message_bytes
+    limit = call.state["settings"].max_message_bytes
     items = [parse_message(m, limit, queue, f"messages[{i}].") for i, m in enumerate(messages)]
-    results = await app["broker"].publish(queue.name, items, principal.username)
-    return JSONResponse({"message_ids": [r.message_id for r in results]}, status_code=201)
+    results = await broker.publish(queue.name, items, principal.username)
+    return 201, {"message_ids": [r.message_id for r in results]}
 
 
-@requires(Role.CONSUMER)
-async def consume_one(request: Request, principal: Principal) -> Response:
+async def consume_one(call: Call, principal: Principal) -> Reply:
     """GET: the seed's call: one delivery, or null when nothing is ready within `wait`."""
-    name = queue_name(request.path_params["queue"])
-    wait = query_number(request, "wait", 0.0, maximum=MAX_WAIT_SECONDS)
-    timeout = optional_number(request, {}, "visibility_timeout", minimum=MIN_VISIBILITY_TIMEOUT,
+    name = queue_name(call.param)
+    query = call.query if call.query_string else {}
+    wait = query_number(query, "wait", 0.0, maximum=MAX_WAIT_SECONDS)
+    timeout = optional_number(query, {}, "visibility_timeout", minimum=MIN_VISIBILITY_TIMEOUT,
                               maximum=MAX_VISIBILITY_TIMEOUT)
-    deliveries = await state(request)["broker"].consume(
+    deliveries = await call.state["broker"].consume(
         name, max_messages=1, wait=wait, visibility_timeout=timeout, actor=principal.username
     )
-    return JSONResponse(render.delivery(deliveries[0]) if deliveries else None)
+    return 200, render.delivery(deliveries[0]) if deliveries else None
 
 
-@requires(Role.CONSUMER)
-async def consume_many(request: Request, principal: Principal) -> Response:
-    name = queue_name(request.path_params["queue"])
-    data = await read_object(request, required=False)
+async def consume_many(call: Call, principal: Principal) -> Reply:
+    name = queue_name(call.param)
+    data = call.json_object(required=False)
     count = integer(data, "max", 1, minimum=1, maximum=MAX_CONSUME)
     wait = number(data, "wait", 0.0, maximum=MAX_WAIT_SECONDS)
-    timeout = optional_number(request, data, "visibility_timeout", minimum=MIN_VISIBILITY_TIMEOUT,
+    timeout = optional_number(call.query, data, "visibility_timeout", minimum=MIN_VISIBILITY_TIMEOUT,
                               maximum=MAX_VISIBILITY_TIMEOUT)
-    deliveries = await state(request)["broker"].consume(
+    deliveries = await call.state["broker"].consume(
         name, max_messages=count or 1, wait=wait or 0.0, visibility_timeout=timeout,
         actor=principal.username,
     )
-    return JSONResponse({"messages": [render.delivery(d) for d in deliveries]})
+    return 200, {"messages": [render.delivery(d) for d in deliveries]}
 
 
-@requires(Role.CONSUMER)
-async def ack(request: Request, principal: Principal) -> Response:
-    message_id = message_id_param(request)
-    data = await read_object(request, required=False)
-    lease_id = text(data, "lease_id") or request.query_params.get("lease_id")
-    message = await state(request)["broker"].ack(message_id, lease_id, principal.username)
-    return JSONResponse(
-        {"detail": f"Message {message_id} acknowledged successfully.", "status": message.status.value}
-    )
+async def ack(call: Call, principal: Principal) -> Reply:
+    message_id = message_id_param(call.param)
+    data = call.json_object(required=False)
+    lease_id = text(data, "lease_id") or call.query.get("lease_id")
+    message = await call.state["broker"].ack(message_id, lease_id, principal.username)
+    return 200, {"detail": f"Message {message_id} acknowledged successfully.", "status": message.status.value}
 
 
-@requires(Role.CONSUMER)
-async def nack(request: Request, principal: Principal) -> Response:
-    message_id = message_id_param(request)
-    data = await read_object(request, required=False)
-    lease_id = text(data, "lease_id") or request.query_params.get("lease_id")
-    requeue = flag(request, data, "requeue", False)
+async def nack(call: Call, principal: Principal) -> Reply:
+    message_id = message_id_param(call.param)
+    data = call.json_object(required=False)
+    lease_id = text(data, "lease_id") or call.query.get("lease_id")
+    requeue = flag(call.query, data, "requeue", False)
     reason = text(data, "reason", max_length=4096)
-    delay = optional_number(request, data, "delay_seconds", maximum=MAX_DELAY_SECONDS) or 0.0
-    change = await state(request)["broker"].nack(
+    delay = optional_number(call.query, data, "delay_seconds", maximum=MAX_DELAY_SECONDS) or 0.0
+    change = await call.state["broker"].nack(
         message_id, lease_id, requeue=requeue, delay=delay, reason=reason, actor=principal.username
     )
     message = change.message
@@ -146,25 +143,27 @@ async def nack(request: Request, principal: Principal) -> Response:
             MessageStatus.PENDING: "requeued",
             MessageStatus.DELAYED: f"requeued after {delay:g}s",
         }.get(message.status, "marked failed")
-    return JSONResponse({"detail": f"Message {message_id} {outcome}.", **body})
+    return 200, {"detail": f"Message {message_id} {outcome}.", **body}
 
 
-@requires(Role.CONSUMER)
-async def extend(request: Request, principal: Principal) -> Response:
-    message_id = message_id_param(request)
-    data = await read_object(request)
-    lease_id = text(data, "lease_id") or request.query_params.get("lease_id")
+async def extend(call: Call, principal: Principal) -> Reply:
+    message_id = message_id_param(call.param)
+    data = call.json_object()
+    lease_id = text(data, "lease_id") or call.query.get("lease_id")
     if data.get("visibility_timeout") is None:
         raise ValidationFailed([{"field": "visibility_timeout", "message": "is required"}])
     seconds = number(data, "visibility_timeout", None, minimum=MIN_VISIBILITY_TIMEOUT, maximum=MAX_DELAY_SECONDS)
     assert seconds is not None
-    message = await state(request)["broker"].extend(message_id, lease_id, seconds, principal.username)
-    return JSONResponse({"lease_expires_at": iso(message.lease_expires_at), "lease_id": message.lease_id})
+    message = await call.state["broker"].extend(message_id, lease_id, seconds, principal.username)
+    return 200, {"lease_expires_at": iso(message.lease_expires_at), "lease_id": message.lease_id}
+
+
+# -- reads (Starlette routes) ------------------------------------------------------------------------------------
 
 
 @requires()
 async def get_message(request: Request, principal: Principal) -> Response:
-    message_id = message_id_param(request)
+    message_id = message_id_param(request.path_params["message_id"])
     message = await state(request)["broker"].message(message_id)
     if message is None:
         raise MessageNotFound(message_id)
@@ -173,7 +172,7 @@ async def get_message(request: Request, principal: Principal) -> Response:
 
 @requires()
 async def history(request: Request, principal: Principal) -> Response:
-    message_id = message_id_param(request)
+    message_id = message_id_param(request.path_params["message_id"])
     events = await state(request)["broker"].history(message_id)
     if not events:
         raise MessageNotFound(message_id)

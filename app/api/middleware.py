@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.common import JSONResponse
 from app.errors import TooLarge
+from app.models import Principal
 
 access_log = logging.getLogger("app.access")
 
@@ -68,15 +71,19 @@ class ObserveRequests:
         try:
             await self.app(scope, receive, record_status)
         finally:
-            seconds = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            metrics = scope.get("state", {}).get("metrics")
-            if metrics is not None:
-                metrics.on_request(scope["method"], route, status, seconds)
-            if access_log.isEnabledFor(logging.INFO):
-                principal = scope.get("principal")
-                access_log.info("%s %s %d %.1fms user=%s", scope["method"], route, status, seconds * 1000,
-                                principal.username if principal else "-",
-                                extra={"method": scope["method"], "route": route, "status": status,
-                                       "duration_ms": round(seconds * 1000, 3),
-                                       "user": principal.username if principal else None})
+            record_request(scope.get("state", {}), scope["method"], route, status, time.perf_counter() - started,
+                           scope.get("principal"))
+
+
+def record_request(state: Mapping[str, Any], method: str, route: str, status: int, seconds: float,
+                   principal: Principal | None) -> None:
+    """Count, time and log one answered request (the metrics, /stats and the access log)."""
+    metrics = state.get("metrics")
+    if metrics is not None:
+        metrics.on_request(method, route, status, seconds)
+    if access_log.isEnabledFor(logging.INFO):
+        user = principal.username if principal else None
+        access_log.info("%s %s %d %.1fms user=%s", method, route, status, seconds * 1000, user or "-",
+                        extra={"method": method, "route": route, "status": status,
+                               "duration_ms": round(seconds * 1000, 3), "user": user})

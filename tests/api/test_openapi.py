@@ -9,6 +9,7 @@ from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from starlette.routing import Mount, Route, WebSocketRoute
 
 from app import __version__
+from app.api import hot
 from app.api.ops import openapi_document
 from app.application import routes
 from tests.conftest import ApiClient
@@ -28,7 +29,8 @@ PATH_EXAMPLES = {"queue": "orders", "message_id": "1", "username": "someone", "f
 
 
 def routed_operations() -> set[tuple[str, str]]:
-    """(path, method) of every route the app serves, without the HEAD Starlette adds to GET, nor mounts."""
+    """(path, method) of every route the app serves (the hot path's and Starlette's), without the HEAD Starlette
+    adds to GET, nor mounts."""
     operations = set()
     for route in routes():
         if isinstance(route, Mount | WebSocketRoute):
@@ -36,7 +38,7 @@ def routed_operations() -> set[tuple[str, str]]:
         assert isinstance(route, Route)
         path = re.sub(r"\{(\w+):[^}]+\}", r"{\1}", route.path)  # "{id:int}" is "{id}" in OpenAPI
         operations |= {(path, method.lower()) for method in route.methods or () if method != "HEAD"}
-    return operations
+    return operations | {(path, method.lower()) for path, method in hot.operations()}
 
 
 def documented_operations() -> set[tuple[str, str]]:
