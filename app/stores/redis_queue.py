@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -76,7 +77,11 @@ class RedisQueueStore:
         # retry re-issuing them; asyncio.timeout bounds each call instead.
         self._blocking = aioredis.Redis.from_url(self.url, socket_timeout=None, socket_connect_timeout=self._timeout,
                                                  max_connections=1024)
-        self._pipeliner = Pipeliner(self._redis)
+        # The hot path's shared pipelines: their own connection, no socket timeout (the pipeliner bounds each round
+        # trip itself).
+        self._pipeliner = Pipeliner(ConnectionPool.from_url(self.url, socket_timeout=None,
+                                                            socket_connect_timeout=self._timeout),
+                                    timeout=self._timeout)
         lua = resources.files("app.stores") / "lua"
         for name in _SCRIPTS:
             self._scripts[name] = self._redis.register_script((lua / f"{name}.lua").read_text())
@@ -86,6 +91,7 @@ class RedisQueueStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._redis is not None:
+            await self._pipeliner.close()
             await self._redis.aclose()
             self._redis = None
         if self._blocking is not None:
@@ -108,11 +114,11 @@ class RedisQueueStore:
         script = self._scripts[name]
         async with _translated(name):
             try:
-                return await self._pipeliner.call(lambda pipe: pipe.evalsha(script.sha, len(keys_), *keys_, *args))
+                return await self._pipeliner.call("EVALSHA", script.sha, len(keys_), *keys_, *args)
             except NoScriptError:  # Redis restarted or was flushed of scripts: load them and try once more
                 for loaded in self._scripts.values():
                     await self.redis.script_load(loaded.script)
-                return await self._pipeliner.call(lambda pipe: pipe.evalsha(script.sha, len(keys_), *keys_, *args))
+                return await self._pipeliner.call("EVALSHA", script.sha, len(keys_), *keys_, *args)
 
     # -- health and identity -------------------------------------------------------------------------------
 
@@ -208,9 +214,9 @@ class RedisQueueStore:
     async def schedule(self, queue: str, due: dict[int, float]) -> None:
         """Add ids to the delayed set, each due at its time."""
         if due:
-            key, scores = keys.queue_keys(queue).delayed, {str(i): _ms(t) for i, t in due.items()}
+            key = keys.queue_keys(queue).delayed
             async with _translated("schedule"):
-                await self._pipeliner.call(lambda pipe: pipe.zadd(key, scores))
+                await self._pipeliner.call("ZADD", key, *_scored(due))
 
     async def defer(self, queue: str, due: dict[int, float]) -> None:
         """Move delivered ids from processing to the delayed set."""
@@ -262,9 +268,9 @@ class RedisQueueStore:
     async def restore_leases(self, queue: str, deadlines: dict[int, float]) -> None:
         """Set lease deadlines again (after a stale copy of a held id was released)."""
         if deadlines:
-            key, scores = keys.queue_keys(queue).leases, {str(i): _ms(d) for i, d in deadlines.items()}
+            key = keys.queue_keys(queue).leases
             async with _translated("lease"):
-                await self._pipeliner.call(lambda pipe: pipe.zadd(key, scores))
+                await self._pipeliner.call("ZADD", key, *_scored(deadlines))
 
     async def requeue(self, queue: str, ids: Sequence[int]) -> None:
         """Put delivered ids back to be taken next."""
@@ -343,3 +349,8 @@ class RedisQueueStore:
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
+
+
+def _scored(members: dict[int, float]) -> list[int]:
+    """ZADD's arguments: score (ms) then member, for each id."""
+    return [v for i, t in members.items() for v in (_ms(t), i)]
