@@ -184,10 +184,11 @@ class RedisQueueStore:
                 pipe.zadd(k.leases, {str(i): _ms(t) for i, t in leased.items()})
             await pipe.execute()
 
-    async def signal_events(self, seq: int) -> None:
-        """Tell other broker processes that the journal has events up to `seq`."""
+    async def signal_events(self, seq: int) -> int:
+        """Tell other broker processes that the journal has events up to `seq`; returns how many listeners (this
+        process's own included) heard it."""
         async with _translated("publish"):
-            await self.redis.publish(keys.EVENTS_CHANNEL, str(seq))
+            return int(await self.redis.publish(keys.EVENTS_CHANNEL, str(seq)))
 
     async def event_signals(self) -> AsyncIterator[int]:
         """Signals from other broker processes (a dedicated connection; ends when it breaks)."""
