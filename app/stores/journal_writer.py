@@ -45,6 +45,7 @@ EventListener = Callable[[list[Event]], None]
 T = TypeVar("T")
 Outcome = tuple["Op", Any, BaseException | None]
 SUBMIT_TIMEOUT_SECONDS = 30.0
+WATCH_SECONDS = 1.0  # how often the watchdog looks for a stuck commit
 BATCH_ROWS = 5_000  # rows per transaction: bounds how long one commit holds the event loop
 CHECKPOINT_EVERY_COMMITS = 200
 
@@ -66,6 +67,7 @@ class JournalStats:
     last_batch_size: int = 0
     last_commit_seconds: float = 0.0
     last_error: str | None = None
+    checkpoints: int = 0
 
 
 @dataclass
@@ -368,8 +370,12 @@ class JournalWriter:
 
         def done(future: asyncio.Future[None]) -> None:
             self._checkpoint = None
-            if not future.cancelled() and future.exception() is not None:
+            if future.cancelled():
+                return
+            if future.exception() is not None:
                 log.warning("journal checkpoint failed (retried later): %s", future.exception())
+            else:
+                self.stats.checkpoints += 1
 
         checkpoint.add_done_callback(done)
 
@@ -377,7 +383,7 @@ class JournalWriter:
         """Answer callers of a commit stuck for SUBMIT_TIMEOUT_SECONDS (a stalled disk, a stopped process holding
         the lock) instead of letting them hang: that commit's outcome is unknown; what waits behind it is refused."""
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(WATCH_SECONDS)
             started = self._commit_started
             if started is None or time.monotonic() - started < SUBMIT_TIMEOUT_SECONDS:
                 continue

@@ -260,3 +260,23 @@ async def test_redrive_leaves_a_dead_lettered_message_alone_once_it_was_acked(
     await client.post(f"/messages/{message_id}/ack", json={"lease_id": in_dlq["lease_id"]}, headers=admin)
     assert (await client.post("/queues/dl4/redrive", headers=admin)).json() == {"moved": 0}
     assert (await client.get(f"/messages/{message_id}", headers=admin)).json()["status"] == "processed"
+
+
+async def test_a_publish_whose_caller_went_away_after_submitting_still_reaches_redis(broker: Any) -> None:
+    """A client that disconnects (its task cancelled) while its publish commits: the message is journaled all the
+    same, so it must be deliverable, not stranded in the journal until the next rebuild."""
+    from app.models import NewMessage, QueueSettings
+
+    await broker.create_queue("gone", QueueSettings(), "test")
+    publishing = asyncio.create_task(broker.publish("gone", [NewMessage(content='"orphan"')], "test"))
+    await asyncio.sleep(0)  # queued for the next commit, not yet committed
+    publishing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await publishing
+    for _ in range(100):
+        if (await broker.redis.snapshot("gone")).ready:
+            break
+        await asyncio.sleep(0.01)
+    [delivery] = await broker.consume("gone", actor="test")
+    assert delivery.message.content == '"orphan"'
+    assert await broker.recovery.differences() == []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,6 +14,7 @@ import pytest
 
 from app.errors import JournalUnavailable, MessageNotFound, NotProcessing, StaleLease
 from app.models import Event, EventType, Message, MessageStatus, NewMessage, Queue, QueueSettings
+from app.stores import journal_writer
 from app.stores.sqlite_journal import SqliteJournalStore
 
 
@@ -427,3 +430,52 @@ async def test_ids_are_never_reused_after_the_newest_message_or_queue_is_deleted
         assert again.id > queue.id
         [third] = await journal.publish(again, [NewMessage(content='"c"')], "test")
         assert third.message_id > second.message_id
+
+
+# -- the writer: bounds, a stuck commit, checkpoints -------------------------------------------------------------
+
+
+async def test_a_batch_stops_taking_operations_at_its_row_bound(journal: SqliteJournalStore, queue: Queue) -> None:
+    journal._writer.batch_rows = 10  # type: ignore[union-attr]
+    commits = journal.stats.commits
+    four = [NewMessage(content=f'"{i}"') for i in range(4)]
+    await asyncio.gather(*(journal.publish(queue, four, "test") for _ in range(6)))
+    # 4 + 4 + 4 rows reach the bound: two transactions of three publishes, not one of six.
+    assert journal.stats.commits - commits == 2 and journal.stats.last_batch_size == 3
+
+
+async def test_a_commit_stuck_behind_another_process_answers_its_callers_and_refuses_what_waits(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_writer, "SUBMIT_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(journal_writer, "WATCH_SECONDS", 0.05)
+    async with SqliteJournalStore(path) as journal:
+        queue = await journal.create_queue("q", QueueSettings(), "test")
+        # Another process committing and then stopped (SIGSTOP) while it holds the journal's lock:
+        peer = os.open(path.with_name(path.name + ".lock"), os.O_RDWR)
+        fcntl.flock(peer, fcntl.LOCK_EX)
+        try:
+            stuck = journal.publish(queue, [NewMessage(content='"stuck"')], "test")
+            await asyncio.sleep(0.1)  # the writer is waiting for the lock
+            behind = journal.publish(queue, [NewMessage(content='"behind"')], "test")
+            results = await asyncio.wait_for(asyncio.gather(stuck, behind, return_exceptions=True), 5)
+            assert all(isinstance(r, JournalUnavailable) for r in results), results
+            assert "unknown" in str(results[0]) and "nothing was written" in str(results[1])
+            assert not journal.healthy
+        finally:
+            fcntl.flock(peer, fcntl.LOCK_UN)
+            os.close(peer)
+        (later,) = await _publish(journal, queue)
+        assert journal.healthy
+        contents = {m.content for m in await journal.browse(queue, None, 0, 10)}
+        assert contents == {'"stuck"', (await _message(journal, later)).content}  # the stuck one did commit
+
+
+async def test_the_wal_is_checkpointed_beside_the_commits(journal: SqliteJournalStore, queue: Queue) -> None:
+    for _ in range(journal_writer.CHECKPOINT_EVERY_COMMITS + 10):
+        await _publish(journal, queue)
+    for _ in range(100):
+        if journal.stats.checkpoints:
+            break
+        await asyncio.sleep(0.02)
+    assert journal.stats.checkpoints >= 1
