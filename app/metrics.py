@@ -54,6 +54,7 @@ class Metrics:
         self.multiprocess_dir = str(multiprocess_dir) if multiprocess_dir else None
         self.tally = RequestTally()
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._queue_children: dict[tuple[str, str], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.published = Counter("broker_messages_published_total", "Messages published", ["queue"], registry=r)
@@ -84,25 +85,32 @@ class Metrics:
     def on_events(self, events: list[Event]) -> None:
         """Count committed message events (a journal listener)."""
         for event in events:
-            queue = event.queue or ""
             kind = event.type
             if kind is EventType.MESSAGE_PUBLISHED:
-                self.published.labels(queue).inc()
+                self._of("published", event.queue).inc()
             elif kind is EventType.MESSAGE_DELIVERED:
-                self.delivered.labels(queue).inc()
+                self._of("delivered", event.queue).inc()
                 if int(event.data.get("delivery_count", 1)) > 1:
-                    self.redelivered.labels(queue).inc()
+                    self._of("redelivered", event.queue).inc()
             elif kind is EventType.MESSAGE_ACKED:
-                self.acked.labels(queue).inc()
+                self._of("acked", event.queue).inc()
                 seconds = event.data.get("processing_seconds")
                 if isinstance(seconds, int | float):
-                    self.processing.labels(queue).observe(seconds)
+                    self._of("processing", event.queue).observe(seconds)
             elif kind is EventType.MESSAGE_NACKED:
-                self.nacked.labels(queue).inc()
+                self._of("nacked", event.queue).inc()
                 if event.data.get("status") == "failed":
-                    self.failed.labels(queue).inc()
+                    self._of("failed", event.queue).inc()
             elif kind in (EventType.MESSAGE_FAILED, EventType.MESSAGE_DEAD_LETTERED):
-                self.failed.labels(queue).inc()
+                self._of("failed", event.queue).inc()
+
+    def _of(self, metric: str, queue: str | None) -> Any:
+        """A per-queue metric's child, cached: labels() takes a lock and builds a tuple on every call."""
+        key = (metric, queue or "")
+        child = self._queue_children.get(key)
+        if child is None:
+            child = self._queue_children[key] = getattr(self, metric).labels(queue or "")
+        return child
 
     def on_commit(self, size: int, seconds: float) -> None:
         self.commit_seconds.observe(seconds)
