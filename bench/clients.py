@@ -1,5 +1,5 @@
-"""aiohttp load for the flows wrk cannot drive (they need the response): consume+ack cycles, prefilling a queue,
-and publish-to-delivery latency of long-polling consumers.
+"""aiohttp load for what wrk does not drive: prefilling a queue, and publish-to-delivery latency of long-polling
+consumers (its publisher and consumers share one clock).
 
 Each function is a coroutine bounded in time; the runner calls them with `run()` (a uvloop event loop when uvloop
 is installed, as the broker's own loop is). The client's own CPU use is reported with each result: on a 2-core
@@ -77,67 +77,6 @@ async def prefill(base_url: str, token: str, queue: str, count: int, *, batch: i
     async with _session(token, concurrency) as session, asyncio.timeout(PREFILL_TIMEOUT):
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     return time.perf_counter() - started
-
-
-# -- consume + ack ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ConsumeResult:
-    acked: int
-    seconds: float
-    errors: int
-    empty_polls: int  # consume answered null: the queue ran dry, so msg/s is a lower bound
-    client_cpu: float  # the client process's CPU share (1.0 = one full core)
-    cycle_p50_ms: float  # one consume + ack, as the client saw it
-    cycle_p99_ms: float
-
-    @property
-    def msg_per_s(self) -> float:
-        return self.acked / self.seconds if self.seconds else 0.0
-
-
-async def consume_ack(base_url: str, token: str, queue: str, *, consumers: int = 16, duration: float = 10.0,
-                      wait: float = 1.0) -> ConsumeResult:
-    """`consumers` loops, each: GET one delivery (long-poll up to `wait` s), then POST its ack with the lease id.
-    One message counts when its ack answered 200. Runs for `duration` seconds."""
-    consume_url = f"{base_url}/queues/{queue}/messages/consume?wait={wait:g}"
-    acked = errors = empty = 0
-    cycles: list[float] = []
-
-    async def consumer(session: aiohttp.ClientSession, deadline: float) -> None:
-        nonlocal acked, errors, empty
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            async with session.get(consume_url) as response:
-                body = await response.read()
-                if response.status != 200:
-                    errors += 1
-                    continue
-            delivery = orjson.loads(body)
-            if delivery is None:
-                empty += 1
-                continue
-            ack_url = f"{base_url}/messages/{delivery['id']}/ack"
-            async with session.post(ack_url, data=orjson.dumps({"lease_id": delivery["lease_id"]}),
-                                    headers={"Content-Type": "application/json"}) as response:
-                await response.read()
-                if response.status == 200:
-                    acked += 1
-                    cycles.append((time.perf_counter() - started) * 1000)
-                else:
-                    errors += 1
-
-    async with _session(token, consumers) as session:
-        clock = _CpuClock()
-        started = time.perf_counter()
-        deadline = started + duration
-        await asyncio.wait_for(asyncio.gather(*(consumer(session, deadline) for _ in range(consumers))),
-                               duration + 30)
-        seconds = time.perf_counter() - started
-        cpu = clock.share()
-    p50, p99 = _percentiles(cycles)
-    return ConsumeResult(acked, seconds, errors, empty, cpu, p50, p99)
 
 
 # -- publish-to-delivery latency ----------------------------------------------------------------------------------

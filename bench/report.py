@@ -201,7 +201,8 @@ def render(results: Results) -> str:
         f"{m.load_before[0]:.2f} at the start, {m.load_after[0]:.2f} at the end{other} |")
     add(f"| software | {', '.join(f'{k} {v}' for k, v in m.versions.items())} |")
     add(f"| method | {o.runs} run(s); {o.duration} s per figure; wrk `-t 1 -c N --timeout 10s` with "
-        "`bench/wrk/publish.lua`; aiohttp clients for consume+ack and long-poll; own redis-server on loopback "
+        "`bench/wrk/publish.lua` and `bench/wrk/consume_ack.lua`; aiohttp for prefilling and long-poll; own "
+        "redis-server on loopback "
         "(no persistence); a fresh broker data directory per configuration and run |")
     add("")
     add(f"The load generators, the broker, Redis and the baseline share this machine's {m.nproc} CPUs, and other "
@@ -248,11 +249,12 @@ def render(results: Results) -> str:
 
     add("## Consume + ack")
     add("")
-    add(f"{CONSUMERS} aiohttp consumers, each looping `GET /queues/{{q}}/messages/consume?wait=1` then "
-        "`POST /messages/{id}/ack` with the lease id, on a prefilled queue (sync full, 1 worker). One message = "
-        f"one acked delivery = 2 requests. Ratio: msg/s over the baseline's req/s at c{CONSUMERS}.")
+    add(f"{CONSUMERS} wrk connections (`bench/wrk/consume_ack.lua`), each looping `GET "
+        "/queues/{q}/messages/consume?wait=1` then `POST /messages/{id}/ack` with the lease id from that response, "
+        "on a prefilled queue (sync full, 1 worker). One message = one acked delivery = 2 requests; the latencies "
+        f"are per request (consumes and acks alike). Ratio: msg/s over the baseline's req/s at c{CONSUMERS}.")
     add("")
-    add("| msg/s | cycle p50 | cycle p99 | ratio | client CPU | runs |")
+    add("| msg/s | request p50 | request p99 | ratio | wrk CPU | runs |")
     add("|---|---|---|---|---|---|")
     f = figure(results, "full-1w.consume")
     add(f"| {_n(f.rate if f else None)} | {_ms(f.p50 if f else None)} | {_ms(f.p99 if f else None)} | "
@@ -353,8 +355,8 @@ def render(results: Results) -> str:
     notes = [f"**Failed**: {failure}" for failure in results.failures] + list(results.notes)
     f = figure(results, "full-1w.consume")
     if f and f.client_cpu is not None and f.client_cpu > 0.85:
-        notes.append(f"consume+ack: the aiohttp client used {f.client_cpu:.0%} of a core, so it may itself "
-                     "limit the figure on this machine.")
+        notes.append(f"consume+ack: wrk used {f.client_cpu:.0%} of a core, so it may itself limit the figure on "
+                     "this machine.")
     if not notes:
         notes.append("No errors: every request the figures count was answered 2xx.")
     for note in notes:

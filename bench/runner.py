@@ -6,8 +6,9 @@
 
 It starts its own redis-server (free port, no persistence), the baseline app (bench/baseline.py) and broker processes
 (`python -m app serve`, BROKER_* settings, a fresh data directory each), all on 127.0.0.1. Load comes from `wrk`
-(Debian's package; bench/wrk/*.lua add the bearer token and the body and report latency percentiles as JSON) and,
-for flows that need the response, from aiohttp (bench/clients.py). Each run measures the baseline first and every
+(Debian's package; bench/wrk/*.lua add the bearer token and the body, drive consume+ack cycles from the responses,
+and report latency percentiles as JSON) and, for prefilling and the publish-to-delivery latency, from aiohttp
+(bench/clients.py). Each run measures the baseline first and every
 broker figure is divided by the baseline figure of the same run; the report gives the median over runs of each.
 
 Per run: baseline (c1, c16, c64) -> broker, journal sync full, 1 worker (single publish c1/c16/c64, batch publish,
@@ -44,6 +45,8 @@ from bench.servers import ROOT, BaselineServer, BrokerServer, RedisServer
 
 WRK_DIR = Path(__file__).resolve().parent / "wrk"
 PUBLISH_SCRIPT = WRK_DIR / "publish.lua"
+CONSUME_SCRIPT = WRK_DIR / "consume_ack.lua"
+COUNTED = ("delivered", "acked", "empty", "refused")  # consume_ack.lua's own counts
 CONCURRENCY = (1, 16, 64)
 BATCH_SIZE = 100
 BATCH_CONNECTIONS = 16
@@ -56,6 +59,7 @@ QUEUES = {"warmup": "bench-warmup", "publish": "bench-publish", "batch": "bench-
           "consume": "bench-consume", "latency": "bench-latency"}
 INSTALL_WRK = "wrk is not installed: `apt-get install -y wrk` (Debian/Ubuntu package `wrk`)"
 INSTALL_AIOHTTP = "aiohttp is not installed: `pip install aiohttp` (or `pip install -e '.[dev]'`)"
+CONSUME_WAIT = 1  # seconds a consume may long-poll
 
 
 # -- options ------------------------------------------------------------------------------------------------------
@@ -140,6 +144,8 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    client_cpu: float  # wrk's CPU share (1.0 = one full core)
+    counts: dict[str, int] = field(default_factory=dict)  # what the script counted itself (consume_ack.lua)
 
     @property
     def ok_per_s(self) -> float:
@@ -150,19 +156,26 @@ class WrkResult:
         return self.status_errors + self.socket_errors
 
 
-def run_wrk(url: str, body_file: Path, token: str, connections: int, duration: int) -> WrkResult:
+def run_wrk(url: str, body_file: Path | None, token: str, connections: int, duration: int,
+            script: Path = PUBLISH_SCRIPT) -> WrkResult:
     command = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{duration}s", "--timeout", WRK_TIMEOUT,
-               "-s", str(PUBLISH_SCRIPT), url]
-    env = {**os.environ, "BENCH_TOKEN": token, "BENCH_BODY_FILE": str(body_file)}
+               "-s", str(script), url]
+    env = {**os.environ, "BENCH_TOKEN": token, "BENCH_BODY_FILE": str(body_file or "")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=duration + 60, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}")
     data = json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+    seconds = data["duration_us"] / 1e6
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return WrkResult(
-        requests=data["requests"], seconds=data["duration_us"] / 1e6, status_errors=data["status_errors"],
+        requests=data["requests"], seconds=seconds, status_errors=data["status_errors"],
         socket_errors=data["connect_errors"] + data["read_errors"] + data["write_errors"] + data["timeouts"],
         p50_ms=data["p50_us"] / 1000, p99_ms=data["p99_us"] / 1000, max_ms=data["max_us"] / 1000,
+        client_cpu=cpu / seconds if seconds else 0.0,
+        counts={name: int(data[name]) for name in COUNTED if name in data},
     )
 
 
@@ -178,7 +191,7 @@ class Sample:
     p99_ms: float | None = None
     errors: int = 0
     ratio: float | None = None  # rate / the baseline's req/s measured in the same run
-    client_cpu: float | None = None  # aiohttp client process CPU share (1.0 = one core)
+    client_cpu: float | None = None  # the load generator's CPU share (1.0 = one core)
     note: str = ""
 
 
@@ -443,19 +456,21 @@ class Bench:
         count = max(2_000, PREFILL_RATE * self.options.duration)
         seconds = clients.run(clients.prefill(broker.url, token, QUEUES["consume"], count))
         self.say(f"   prefilled {count:,} messages in {seconds:.1f}s")
-        result = clients.run(clients.consume_ack(broker.url, token, QUEUES["consume"], consumers=CONSUMERS,
-                                                 duration=self.options.duration))
+        url = f"{broker.url}/queues/{QUEUES['consume']}/messages/consume?wait={CONSUME_WAIT}"
+        result = run_wrk(url, None, token, CONSUMERS, self.options.duration, script=CONSUME_SCRIPT)
+        counts = result.counts
+        rate = counts.get("acked", 0) / result.seconds if result.seconds else 0.0
+        errors = result.errors + counts.get("refused", 0)
         note = ""
-        if result.empty_polls:
-            note = f"the queue ran dry ({result.empty_polls} empty polls): msg/s is a lower bound"
+        if counts.get("empty"):
+            note = f"the queue ran dry ({counts['empty']} empty polls): msg/s is a lower bound"
             self.results.notes.append(f"{key}: {note}")
-        if result.errors:
-            self.results.notes.append(f"{key}: {result.errors} error responses")
-        sample = Sample(result.msg_per_s, result.cycle_p50_ms, result.cycle_p99_ms, result.errors,
-                        result.msg_per_s / baseline if baseline else None, result.client_cpu, note)
+        if errors:
+            self.results.notes.append(f"{key}: {errors} error responses or socket errors")
+        sample = Sample(rate, result.p50_ms, result.p99_ms, errors, rate / baseline if baseline else None,
+                        result.client_cpu, note)
         self.results.add(key, sample)
-        self.say(f"   {key}: {result.msg_per_s:,.0f} msg/s ({_pct(sample.ratio)} of baseline), "
-                 f"client CPU {result.client_cpu:.0%}")
+        self.say(f"   {key}: {rate:,.0f} msg/s ({_pct(sample.ratio)} of baseline), wrk CPU {result.client_cpu:.0%}")
 
     def latency(self, broker: BrokerServer, token: str, key: str) -> None:
         result = clients.run(clients.longpoll_latency(broker.url, token, QUEUES["latency"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def test_tiny_benchmark_writes_every_section(wrk: str, tmp_path: Path) -> None:
     for figure in ("publish c64", "p99 c16", "batch", "consume+ack", "long-poll p50", "2 workers", "rebuild 2,000",
                    "targets met"):
         assert figure in summary[0]
+    assert re.search(r"consume\+ack [1-9][\d,]* msg/s", summary[0]), summary[0]  # wrk's cycles acked messages
 
     report = output.read_text()
     assert report.startswith("# Benchmarks")
