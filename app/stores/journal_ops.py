@@ -33,6 +33,7 @@ def create_queue(tx: Tx, name: str, settings: QueueSettings, actor: str) -> Queu
     tx.counters.queue_id += 1
     queue = Queue(tx.counters.queue_id, name, tx.now, tx.now, settings)
     tx.queues_by_id[queue.id] = queue
+    tx.queues_changed = True
     tx.execute(SQL["insert_queue"], id=queue.id, name=name, created_at=tx.now, updated_at=tx.now,
                settings=_settings_json(settings))
     tx.event(EventType.QUEUE_CREATED, name, None, actor, {"settings": settings.as_dict()})
@@ -43,6 +44,7 @@ def update_queue(tx: Tx, queue: Queue, settings: QueueSettings, actor: str) -> Q
     tx.require_queue(queue)
     updated = Queue(queue.id, queue.name, queue.created_at, tx.now, settings)
     tx.queues_by_id[queue.id] = updated
+    tx.queues_changed = True
     tx.execute(SQL["update_queue"], id=queue.id, settings=_settings_json(settings), updated_at=tx.now)
     tx.event(EventType.QUEUE_UPDATED, queue.name, None, actor, {"settings": settings.as_dict()})
     return updated
@@ -53,6 +55,7 @@ def delete_queue(tx: Tx, queue: Queue, actor: str) -> int:
     tx.require_queue(queue)
     counts: Counter[str] = tx.counts.get(queue.id, Counter())
     del tx.queues_by_id[queue.id]
+    tx.queues_changed = True
     tx.execute(SQL["delete_queue_messages"], queue_id=queue.id)
     tx.execute(SQL["delete_queue"], id=queue.id)
     tx.execute(SQL["delete_queue_counts"], queue_id=queue.id)

@@ -39,7 +39,9 @@ class Tx:
     rows: dict[int, Row]
     counters: Counters
     queues_by_id: dict[int, Queue]
-    counts: dict[int, Counter[str]] = field(default_factory=dict)  # committed counts per queue, read-only here
+    # Committed counts of the queues the batch's operations asked for (Op.counts_for), read in the transaction.
+    counts: dict[int, Counter[str]] = field(default_factory=dict)
+    queues_changed: bool = False  # an operation created, changed or deleted a queue (in queues_by_id)
     # Idempotency keys the batch loaded: scope ("<queue_id>:<key>") -> (message_id, created_at, status or None)
     idempotency: dict[str, tuple[int, float, str | None]] = field(default_factory=dict)
     now: float = field(default_factory=time.time)

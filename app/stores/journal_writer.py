@@ -7,14 +7,16 @@ commit.
 Message transactions run on the event loop itself, in one go (lock, BEGIN, reads, the operations, writes, COMMIT):
 the event loop's thread holds the GIL almost all the time under load, and a second thread that needs it back after
 every SQLite call waits up to the interpreter's switch interval (5 ms) each time, which made a 0.3 ms commit take
-4-7 ms. A commit blocks the loop only for its own CPU time and one fsync (~0.1 ms here), and requests arriving
+4-7 ms. A commit holds the loop for its own CPU time and one fdatasync (~0.1 ms here), and requests arriving
 meanwhile join the next batch. Queue and user changes (a purge may delete a million rows) run on the writer's
 thread, and so do checkpoints of the WAL, so neither stalls the loop.
 
 Several broker processes may share a journal: each transaction holds an exclusive `flock` on a lock file (taken
 without blocking when it is free; otherwise the writer's thread waits for it, woken by the kernel the moment it is
-released, while the loop goes on), reads the next ids inside the transaction, and bumps a write generation; a
-process that finds the generation moved reloads its caches first.
+released, while the loop goes on), reads the next ids (and any queue counts it needs) inside the transaction,
+and bumps a generation when it changes a queue; a process that finds the generation moved reloads its queues first.
+The lock covers the writing only: the WAL is flushed to disk (fdatasync, with sync=full) once it is released, so
+one process's flush never holds up another's commit, and callers are answered after the flush.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Op:
     alone: bool = False  # queue and user changes commit in a transaction of their own, on the writer's thread
     idempotency_keys: tuple[str, ...] = ()
     rows: int = 1  # messages it may write, for the batch's bound
+    counts_for: tuple[int, ...] = ()  # queues whose committed counts it reads (Tx.counts)
 
 
 @dataclass
@@ -72,10 +75,9 @@ class JournalStats:
 
 @dataclass
 class SharedState:
-    """What this process caches of the journal; valid while no other process has written since."""
+    """What this process caches of the journal: the queues, valid while their generation has not moved."""
 
     queues: dict[int, Queue] = field(default_factory=dict)
-    counts: dict[int, Counter[str]] = field(default_factory=dict)
     counters: Counters = field(default_factory=lambda: Counters(0, 0, 0))
     generation: int = -1
 
@@ -102,6 +104,8 @@ class JournalWriter:
         self._commit_started: float | None = None  # monotonic time the commit in progress started
         self._commits_since_checkpoint = 0
         self._checkpoint: asyncio.Future[None] | None = None
+        self._wal_fd: int | None = None
+        self._flush_failed: OSError | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -163,7 +167,9 @@ class JournalWriter:
         conn.execute("PRAGMA busy_timeout = 10000")  # first: another process may be creating the same journal
         self._conn = conn
         with self._locked():  # worker processes start together: one at a time sets WAL and creates the schema
-            for pragma in ("journal_mode = WAL", f"synchronous = {self.sync.upper()}"):
+            # COMMIT writes the WAL without an fsync; with sync=full, _flush_wal makes it durable after the file
+            # lock is released, so another process's commit need not wait for this one's disk flush.
+            for pragma in ("journal_mode = WAL", "synchronous = NORMAL"):
                 conn.execute(f"PRAGMA {pragma}")
             conn.executescript(SQL["schema"])
             if not conn.execute(SQL["counts_ready"]).fetchall():
@@ -172,6 +178,8 @@ class JournalWriter:
         # Commits never checkpoint (that would copy the WAL into the database on the event loop, several ms at
         # times): the writer's thread does it on its own connection, beside the commits.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._wal_fd = os.open(self.path.with_name(self.path.name + "-wal"), os.O_RDONLY)
+        _sync_directory(self.path.parent)  # the WAL's directory entry, once
         self._checkpointer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._checkpointer.execute("PRAGMA busy_timeout = 10000")
 
@@ -180,26 +188,41 @@ class JournalWriter:
             if conn is not None:
                 conn.close()  # the last connection to close checkpoints the WAL
         self._conn = self._checkpointer = None
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+
+    def _flush_wal(self) -> None:
+        """With sync=full, make every commit written so far durable (the WAL's data; its size when it grew). A
+        failed flush leaves it unknown which writes reached the disk, and the kernel may not report the loss again:
+        from then on the writer refuses every commit until the broker is restarted."""
+        if self.sync != "full" or self._wal_fd is None:
+            return
+        try:
+            os.fdatasync(self._wal_fd)
+        except OSError as exc:
+            log.critical("fsync of the journal's WAL failed (%s): refusing writes until the broker is restarted", exc)
+            self._flush_failed = exc
+            raise
 
     def _locked(self) -> _FileLock:
         return _FileLock(self._lock_fd)
 
     def _sync(self) -> None:
-        """Read the next ids and, if another process wrote since our last commit, reload the caches."""
+        """Read the next ids and, if another process changed the queues since, reload them."""
         assert self._conn is not None
         [(message_id, seq, queue_id, generation)] = self._conn.execute(SQL["write_state"]).fetchall()
         self.state.counters = Counters(message_id, seq, queue_id)
         if generation != self.state.generation:
             queue_rows = self._conn.execute(SQL["select_queues"]).fetchall()
-            queues = {q.id: q for q in (queue_from_row(tuple(r)) for r in queue_rows)}
-            counts: dict[int, Counter[str]] = {queue_id: Counter() for queue_id in queues}
-            for q_id, status, n in self._conn.execute(SQL["select_counts"]).fetchall():
-                counts.setdefault(q_id, Counter())[status] = n
-            self.state.queues, self.state.counts, self.state.generation = queues, counts, generation
+            self.state.queues = {q.id: q for q in (queue_from_row(tuple(r)) for r in queue_rows)}
+            self.state.generation = generation
 
     def _locked_transaction(self, batch: list[Op]) -> tuple[Tx, list[Outcome]]:
         with self._locked():
-            return self._transaction(batch)
+            done = self._transaction(batch)
+        self._flush_wal()
+        return done
 
     def _transaction(self, batch: list[Op]) -> tuple[Tx, list[Outcome]]:
         """One group-committed transaction (the caller holds the file lock); raises, after rolling back, if it
@@ -212,8 +235,9 @@ class JournalWriter:
             tx = Tx(
                 rows=self._load_rows({i for op in batch for i in op.ids}),
                 counters=self.state.counters,
-                queues_by_id=dict(self.state.queues),
-                counts=self.state.counts,
+                # Only queue changes alter this, and they run alone: other batches may share the cached one.
+                queues_by_id=dict(self.state.queues) if batch[0].alone else self.state.queues,
+                counts=self._load_counts({q for op in batch for q in op.counts_for}),
                 idempotency=self._load_idempotency({k for op in batch for k in op.idempotency_keys}),
             )
             outcomes = [_apply(op, tx) for op in batch]
@@ -237,6 +261,16 @@ class JournalWriter:
         assert self._conn is not None
         found = self._conn.execute(SQL["select_messages_by_ids"], {"ids": orjson.dumps(list(ids)).decode()})
         return {r[0]: row_from_tuple(r) for r in found.fetchall()}
+
+    def _load_counts(self, queue_ids: set[int]) -> dict[int, Counter[str]]:
+        if not queue_ids:
+            return {}
+        assert self._conn is not None
+        counts: dict[int, Counter[str]] = {queue_id: Counter() for queue_id in queue_ids}
+        found = self._conn.execute(SQL["select_counts_of_queues"], {"ids": orjson.dumps(list(queue_ids)).decode()})
+        for queue_id, status, n in found.fetchall():
+            counts[queue_id][status] = n
+        return counts
 
     def _load_idempotency(self, keys: set[str]) -> dict[str, tuple[int, float, str | None]]:
         if not keys:
@@ -262,7 +296,8 @@ class JournalWriter:
                   if d and q in tx.queues_by_id]
         if deltas:
             conn.executemany(SQL["add_count"], deltas)
-        conn.execute(SQL["set_generation"], {"generation": self.state.generation + 1})
+        if tx.queues_changed:
+            conn.execute(SQL["set_generation"], {"generation": self.state.generation + 1})
         if tx.inserted or tx.deleted or tx.statements:  # ids were handed out or rows removed: keep the marks
             conn.execute(SQL["set_high_water"],
                          {"message_id": tx.counters.message_id, "queue_id": tx.counters.queue_id})
@@ -275,15 +310,10 @@ class JournalWriter:
             log.error("journal rollback failed: %s", exc)
 
     def _adopt(self, tx: Tx) -> None:
-        """After a commit: this process's caches are the journal's state."""
-        counts = self.state.counts
-        for (queue_id, status), delta in tx.count_deltas.items():
-            counts.setdefault(queue_id, Counter())[status] += delta
-        for queue_id in list(counts):
-            if queue_id not in tx.queues_by_id:
-                del counts[queue_id]
-        self.state.queues = tx.queues_by_id
-        self.state.generation += 1
+        """After a commit: this process's cached queues are the journal's."""
+        if tx.queues_changed:
+            self.state.queues = tx.queues_by_id
+            self.state.generation += 1
 
     def _checkpoint_wal(self) -> None:
         """On the writer thread: copy committed WAL frames into the database, never waiting for readers."""
@@ -323,6 +353,9 @@ class JournalWriter:
         started = time.perf_counter()
         self._batch, self._commit_started = batch, time.monotonic()
         try:
+            if self._flush_failed is not None:
+                raise JournalUnavailable("A flush of the journal to disk failed; nothing is written until the broker "
+                                         f"is restarted ({self._flush_failed})")
             async with self._conn_lock:
                 if batch[0].alone:
                     tx, outcomes = await asyncio.get_running_loop().run_in_executor(
@@ -359,9 +392,11 @@ class JournalWriter:
         except BlockingIOError:  # another process is committing: wait for it on the thread, not on the loop
             await asyncio.get_running_loop().run_in_executor(self._thread, fcntl.flock, self._lock_fd, fcntl.LOCK_EX)
         try:
-            return self._transaction(batch)
+            done = self._transaction(batch)
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self._flush_wal()
+        return done
 
     def _start_checkpoint(self) -> None:
         self._commits_since_checkpoint = 0
@@ -422,6 +457,14 @@ class JournalWriter:
                 observe(size, seconds)
             except Exception:  # an observer (metrics) must never stop the writer
                 log.exception("journal commit observer failed")
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _apply(op: Op, tx: Tx) -> Outcome:

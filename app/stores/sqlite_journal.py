@@ -259,17 +259,18 @@ class SqliteJournalStore:
         return await self._submit(lambda tx: ops.update_queue(tx, queue, settings, actor), alone=True)
 
     async def delete_queue(self, queue: Queue, actor: str) -> int:
-        return await self._submit(lambda tx: ops.delete_queue(tx, queue, actor), alone=True)
+        return await self._submit(lambda tx: ops.delete_queue(tx, queue, actor), alone=True, counts_for=(queue.id,))
 
     async def purge_queue(self, queue: Queue, actor: str) -> int:
-        return await self._submit(lambda tx: ops.purge_queue(tx, queue, actor), alone=True)
+        return await self._submit(lambda tx: ops.purge_queue(tx, queue, actor), alone=True, counts_for=(queue.id,))
 
     def publish(self, queue: Queue, items: list[NewMessage], actor: str) -> asyncio.Future[list[PublishResult]]:
         """Queue a publish for the next group commit. The future resolves once it is durable; the publish commits
         even if nobody awaits the future any more (a caller that went away still needs its ids pushed)."""
         keys = tuple(mops.scope_key(queue, i.idempotency_key) for i in items if i.idempotency_key is not None)
+        capped = (queue.id,) if queue.settings.max_length is not None else ()
         return self._queue_op(lambda tx: mops.publish(tx, queue, items, actor), idempotency_keys=keys,
-                              rows=len(items))
+                              rows=len(items), counts_for=capped)
 
     async def record_deliveries(
         self, queue: Queue, ids: list[int], lease_expires_at: float, actor: str
@@ -340,18 +341,19 @@ class SqliteJournalStore:
         await self._submit(lambda tx: ops.remove_user(tx, exists, username), alone=True)
 
     async def _submit(self, apply: Callable[[Tx], T], *, ids: Iterable[int] = (), alone: bool = False,
-                      idempotency_keys: tuple[str, ...] = ()) -> T:
+                      idempotency_keys: tuple[str, ...] = (), counts_for: tuple[int, ...] = ()) -> T:
         ids = tuple(ids)
         result: T = await self._queue_op(apply, ids=ids, alone=alone, idempotency_keys=idempotency_keys,
-                                         rows=max(1, len(ids)))
+                                         rows=max(1, len(ids)), counts_for=counts_for)
         return result
 
     def _queue_op(self, apply: Callable[[Tx], T], *, ids: tuple[int, ...] = (), alone: bool = False,
-                  idempotency_keys: tuple[str, ...] = (), rows: int = 1) -> asyncio.Future[T]:
+                  idempotency_keys: tuple[str, ...] = (), rows: int = 1,
+                  counts_for: tuple[int, ...] = ()) -> asyncio.Future[T]:
         if self._writer is None:
             raise JournalUnavailable("The journal is open read-only")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        return self._writer.submit(Op(apply, future, ids, alone, idempotency_keys, rows))
+        return self._writer.submit(Op(apply, future, ids, alone, idempotency_keys, rows, counts_for))
 
 
 def _user(row: tuple[Any, ...]) -> User:

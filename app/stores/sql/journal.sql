@@ -76,6 +76,7 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 SELECT coalesce(max(seq), 0) FROM events;
 
 -- name: generation
+-- Bumped by every change to the queues (their list or settings): a process whose cached copy is older reloads it.
 SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM meta WHERE key = 'generation';
 
 -- name: set_generation
@@ -90,8 +91,8 @@ DELETE FROM queue_counts;
 INSERT INTO queue_counts (queue_id, status, n) SELECT queue_id, status, count(*) FROM messages GROUP BY queue_id, status;
 INSERT OR REPLACE INTO meta (key, value) VALUES ('counts_ready', '1');
 
--- name: select_counts
-SELECT queue_id, status, n FROM queue_counts WHERE n != 0;
+-- name: select_counts_of_queues
+SELECT queue_id, status, n FROM queue_counts WHERE n != 0 AND queue_id IN (SELECT value FROM json_each(:ids));
 
 -- name: select_queue_counts
 SELECT status, n FROM queue_counts WHERE queue_id = :queue_id;
