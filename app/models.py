@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -10,10 +11,28 @@ from typing import Any
 
 
 def iso(ts: float | None) -> str | None:
-    """A unix timestamp as ISO-8601 UTC with microseconds, e.g. 2026-11-22T07:30:11.594416Z."""
+    """A unix timestamp as ISO-8601 UTC with microseconds, e.g. 2026-11-22T07:30:11.594416Z.
+
+    The same text as `datetime.fromtimestamp(ts, UTC).strftime(...)` (microseconds rounded half to even), with the
+    date and time of each second formatted once: a delivery carries five timestamps, and formatting them through
+    datetime was a twentieth of a consume's CPU."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if ts < 0:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    seconds = int(ts)
+    micros = round((ts - seconds) * 1_000_000)
+    if micros >= 1_000_000:
+        seconds, micros = seconds + 1, micros - 1_000_000
+    prefix = _SECONDS.get(seconds)
+    if prefix is None:
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        prefix = _SECONDS[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds))
+    return f"{prefix}{micros:06d}Z"
+
+
+_SECONDS: dict[int, str] = {}  # unix second -> its "YYYY-MM-DDTHH:MM:SS." (iso)
 
 
 MAX_ID = 2**63 - 1  # message, queue and event ids are SQLite INTEGERs
