@@ -7,7 +7,7 @@ id after a fault, and only a message whose journaled state allows it is delivere
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from dataclasses import dataclass
 
 from app.errors import MessageNotFound, NotProcessing, RateLimited, StaleLease
@@ -107,7 +107,7 @@ def record_deliveries(tx: Tx, queue: Queue, ids: list[int], lease_expires_at: fl
         if row["status"] != PENDING and not due:
             refused.append((message_id, None))
             continue
-        lease_id = uuid.uuid4().hex
+        lease_id = secrets.token_hex(16)
         count = row["delivery_count"] + 1
         tx.transition(
             row, MessageStatus.PROCESSING, EventType.MESSAGE_DELIVERED, actor,
