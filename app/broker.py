@@ -228,10 +228,11 @@ class Broker:
         return [Delivery(m, m.lease_id or "", m.lease_expires_at or lease_deadline, now) for m in messages]
 
     async def ack(self, message_id: int, lease_id: str | None, actor: str) -> Message:
-        """Journal `processed` first; then forget the delivery in Redis."""
+        """Journal `processed` first; then forget the delivery in Redis, without waiting for it: the ack is done
+        once journaled, and a removal racing a rebuild of Redis is harmless (the rebuild reads the journal)."""
         async with self.gate.shared():
             message = await self.journal.ack(message_id, lease_id, actor)
-            await self._redis_after_commit(self.redis.release(message.queue, [message_id]))
+        self.redis.release_later(message.queue, [message_id], self._redis_failed_after_commit)
         return message
 
     async def nack(
@@ -331,8 +332,11 @@ class Broker:
         try:
             await change
         except RedisUnavailable as exc:
-            log.warning("Redis change after commit failed; will reconcile: %s", exc.detail)
-            self.recovery.mark_dirty()
+            self._redis_failed_after_commit(exc)
+
+    def _redis_failed_after_commit(self, exc: RedisUnavailable) -> None:
+        log.warning("Redis change after commit failed; will reconcile: %s", exc.detail)
+        self.recovery.mark_dirty()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -39,10 +39,14 @@ class Pipeliner:
 
     async def call(self, *command: Any) -> Any:
         """Run one command in the next pipeline; a Redis error reply is raised (redis-py's exception for it)."""
+        return await self.send(*command)
+
+    def send(self, *command: Any) -> asyncio.Future[Any]:
+        """Queue one command for the next pipeline without waiting: it goes out even if nobody awaits the future."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((command, future))
         self._schedule()
-        return await future
+        return future
 
     async def push(self, key: str, ids: Sequence[int]) -> None:
         """LPUSH ids to a list; concurrent pushes to one list share a single command."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -60,6 +60,7 @@ class RedisQueueStore:
         self._redis: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> RedisQueueStore:
         self._redis = aioredis.Redis.from_url(
@@ -90,6 +91,9 @@ class RedisQueueStore:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._redis is not None:
             await self._pipeliner.close()
             await self._redis.aclose()
@@ -265,6 +269,36 @@ class RedisQueueStore:
             return 0
         k = keys.queue_keys(queue)
         return int(await self._batched("release", (k.processing, k.leases), ids))
+
+    def release_later(self, queue: str, ids: Sequence[int], on_failure: Callable[[RedisUnavailable], None]) -> None:
+        """`release` without waiting for Redis: the command goes into the next pipeline, and `on_failure` hears of
+        it if Redis could not be reached. For removals only (an acked delivery): a rebuild racing one reads the
+        journal, so whichever comes first, the id ends up gone."""
+        k = keys.queue_keys(queue)
+        sent = self._pipeliner.send("EVALSHA", self._scripts["release"].sha, 2, k.processing, k.leases, *ids)
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+            if error is None:
+                return
+            if isinstance(error, NoScriptError):  # Redis lost its scripts: the awaited call reloads them
+                self._spawn(self._release_or_report(queue, ids, on_failure))
+            else:
+                on_failure(RedisUnavailable(f"Redis is unavailable (release): {error.__class__.__name__}"))
+
+        sent.add_done_callback(settle)
+
+    async def _release_or_report(self, queue: str, ids: Sequence[int],
+                                 on_failure: Callable[[RedisUnavailable], None]) -> None:
+        try:
+            await self.release(queue, ids)
+        except RedisUnavailable as exc:
+            on_failure(exc)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def restore_leases(self, queue: str, deadlines: dict[int, float]) -> None:
         """Set lease deadlines again (after a stale copy of a held id was released)."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from redis.crc import key_slot
 
+from app.errors import RedisUnavailable
 from app.stores import keys
 from app.stores.redis_queue import RedisQueueStore
+from tests.support import free_port
 
 
 @pytest.fixture
@@ -295,3 +297,43 @@ async def test_keys_carry_the_queue_name_in_a_hash_tag() -> None:
         assert all(keys.queue_of_key(key) == name for key in all_keys)
     assert keys.queue_of_key(keys.EPOCH_KEY) is None
     assert keys.queue_of_key("other:{jobs}:ready") is None
+
+
+# -- release without waiting (an ack) ------------------------------------------------------------------------------
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await condition():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def test_a_release_not_waited_for_happens_even_after_redis_lost_its_scripts(store: RedisQueueStore) -> None:
+    await store.enqueue("q", [1, 2])
+    await store.take("q", 2, time.time() + 30)
+    await store.redis.script_flush()  # Redis restarted from a snapshot, say: its scripts are gone
+    failures: list[Exception] = []
+
+    store.release_later("q", [1], failures.append)
+
+    async def released() -> bool:
+        snap = await store.snapshot("q")
+        return snap.processing == [2] and set(snap.leases) == {2}
+
+    assert await _until(released), await store.snapshot("q")
+    assert failures == []
+
+
+async def test_a_release_not_waited_for_reports_a_redis_it_cannot_reach() -> None:
+    async with RedisQueueStore(f"redis://127.0.0.1:{free_port()}/0", command_timeout=0.5) as unreachable:
+        failures: list[Exception] = []
+        unreachable.release_later("q", [1], failures.append)
+
+        async def reported() -> bool:
+            return bool(failures)
+
+        assert await _until(reported)
+        assert isinstance(failures[0], RedisUnavailable)
