@@ -83,26 +83,29 @@ class Metrics:
     # -- inputs -------------------------------------------------------------------------------------------------
 
     def on_events(self, events: list[Event]) -> None:
-        """Count committed message events (a journal listener)."""
+        """Count committed message events (a journal listener): one increment per counter and queue per commit."""
+        counts: Tally[tuple[str, str | None]] = Tally()
         for event in events:
-            kind = event.type
+            kind, queue = event.type, event.queue
             if kind is EventType.MESSAGE_PUBLISHED:
-                self._of("published", event.queue).inc()
+                counts["published", queue] += 1
             elif kind is EventType.MESSAGE_DELIVERED:
-                self._of("delivered", event.queue).inc()
+                counts["delivered", queue] += 1
                 if int(event.data.get("delivery_count", 1)) > 1:
-                    self._of("redelivered", event.queue).inc()
+                    counts["redelivered", queue] += 1
             elif kind is EventType.MESSAGE_ACKED:
-                self._of("acked", event.queue).inc()
+                counts["acked", queue] += 1
                 seconds = event.data.get("processing_seconds")
                 if isinstance(seconds, int | float):
-                    self._of("processing", event.queue).observe(seconds)
+                    self._of("processing", queue).observe(seconds)
             elif kind is EventType.MESSAGE_NACKED:
-                self._of("nacked", event.queue).inc()
+                counts["nacked", queue] += 1
                 if event.data.get("status") == "failed":
-                    self._of("failed", event.queue).inc()
+                    counts["failed", queue] += 1
             elif kind in (EventType.MESSAGE_FAILED, EventType.MESSAGE_DEAD_LETTERED):
-                self._of("failed", event.queue).inc()
+                counts["failed", queue] += 1
+        for (metric, queue), n in counts.items():
+            self._of(metric, queue).inc(n)
 
     def _of(self, metric: str, queue: str | None) -> Any:
         """A per-queue metric's child, cached: labels() takes a lock and builds a tuple on every call."""

@@ -46,7 +46,6 @@ class Tx:
     idempotency: dict[str, tuple[int, float, str | None]] = field(default_factory=dict)
     now: float = field(default_factory=time.time)
     inserted: list[Row] = field(default_factory=list)
-    inserted_ids: set[int] = field(default_factory=set)
     dirty: dict[int, Row] = field(default_factory=dict)
     deleted: list[int] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
@@ -70,7 +69,6 @@ class Tx:
         self.counters.message_id += 1
         row["id"] = self.counters.message_id
         self.inserted.append(row)
-        self.inserted_ids.add(row["id"])
         self.rows[row["id"]] = row
         self.count_deltas[(row["queue_id"], row["status"])] += 1
         queue = self.queues_by_id[row["queue_id"]]
@@ -92,8 +90,7 @@ class Tx:
         self.count_deltas[(row["queue_id"], row["status"])] -= 1
         row.update(changes, status=status.value, updated_at=self.now)
         self.count_deltas[(row["queue_id"], status.value)] += 1
-        if row["id"] not in self.inserted_ids:
-            self.dirty[row["id"]] = row
+        self.dirty[row["id"]] = row  # also a row inserted in this batch: its INSERT writes only a new row's columns
         name = queue.name if queue else None
         self.event(event_type, name, row["id"], actor, {"status": status.value, **(data or {})})
 
@@ -125,6 +122,7 @@ class Tx:
 
 def new_message_row(queue: Queue, content: str, headers: dict[str, str], status: MessageStatus, now: float,
                     available_at: float) -> Row:
+    """A new message's row; the columns its INSERT leaves out are the database's defaults, as here."""
     return {
         "id": 0,
         "queue_id": queue.id,

@@ -127,10 +127,9 @@ DELETE FROM messages WHERE queue_id = :queue_id;
 DELETE FROM messages WHERE queue_id = :queue_id AND status IN ('pending', 'delayed');
 
 -- name: insert_message
-INSERT INTO messages (id, queue_id, content, headers, status, delivery_count, created_at, updated_at,
-                      available_at, last_error, dead_lettered_from, lease_id, lease_expires_at, delivered_at)
-VALUES (:id, :queue_id, :content, :headers, :status, :delivery_count, :created_at, :updated_at,
-        :available_at, :last_error, :dead_lettered_from, :lease_id, :lease_expires_at, :delivered_at);
+-- A new message's columns only (the others start at their defaults, 0 or NULL): every bound parameter costs.
+INSERT INTO messages (id, queue_id, content, headers, status, created_at, updated_at, available_at)
+VALUES (:id, :queue_id, :content, :headers, :status, :created_at, :updated_at, :available_at);
 
 -- name: update_message
 UPDATE messages
