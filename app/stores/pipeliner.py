@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Command = tuple[Any, ...]  # a command and its arguments, e.g. ("LPUSH", key, 1, 2)
 RETRIES = 2  # after a connection error: a Redis that restarted fails a kept connection once
+LAZY_SECONDS = 0.005  # the longest a lazy command waits for a pipeline to ride with
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)  # OSError includes TimeoutError
 
 
@@ -36,16 +37,23 @@ class Pipeliner:
         self._pending: list[tuple[Command | list[Any], asyncio.Future[Any]]] = []
         self._pushes: dict[str, tuple[list[Any], asyncio.Future[Any]]] = {}  # one LPUSH per list and pipeline
         self._flushing = False
+        self._lazy_timer: asyncio.TimerHandle | None = None
 
     async def call(self, *command: Any) -> Any:
         """Run one command in the next pipeline; a Redis error reply is raised (redis-py's exception for it)."""
         return await self.send(*command)
 
-    def send(self, *command: Any) -> asyncio.Future[Any]:
-        """Queue one command for the next pipeline without waiting: it goes out even if nobody awaits the future."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def send(self, *command: Any, lazy: bool = False) -> asyncio.Future[Any]:
+        """Queue one command for the next pipeline without waiting: it goes out even if nobody awaits the future.
+        A lazy command does not start a pipeline of its own: it rides with the next one, or goes out after at most
+        LAZY_SECONDS (an acked delivery's release need not cost a round trip of its own)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((command, future))
-        self._schedule()
+        if not lazy:
+            self._schedule()
+        elif not self._flushing and self._lazy_timer is None:
+            self._lazy_timer = loop.call_later(LAZY_SECONDS, self._schedule)
         return future
 
     async def push(self, key: str, ids: Sequence[int]) -> None:
@@ -60,10 +68,19 @@ class Pipeliner:
         await asyncio.shield(merged[1])  # shared by several callers: one leaving must not cancel it for all
 
     async def close(self) -> None:
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+        for _, future in self._pending:  # lazy commands never sent: their callers learn it
+            if not future.done():
+                future.set_exception(RedisConnectionError("the Redis store was closed"))
+        self._pending = []
         await self._drop()
 
     def _schedule(self) -> None:
-        if not self._flushing:
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        if not self._flushing and self._pending:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._start_flush)  # gather this loop iteration's callers
 

@@ -275,7 +275,8 @@ class RedisQueueStore:
         it if Redis could not be reached. For removals only (an acked delivery): a rebuild racing one reads the
         journal, so whichever comes first, the id ends up gone."""
         k = keys.queue_keys(queue)
-        sent = self._pipeliner.send("EVALSHA", self._scripts["release"].sha, 2, k.processing, k.leases, *ids)
+        sent = self._pipeliner.send("EVALSHA", self._scripts["release"].sha, 2, k.processing, k.leases, *ids,
+                                    lazy=True)
 
         def settle(done: asyncio.Future[Any]) -> None:
             error = done.exception() if not done.cancelled() else asyncio.CancelledError()
