@@ -50,6 +50,7 @@ SUBMIT_TIMEOUT_SECONDS = 30.0
 WATCH_SECONDS = 1.0  # how often the watchdog looks for a stuck commit
 BATCH_ROWS = 5_000  # rows per transaction: bounds how long one commit holds the event loop
 CHECKPOINT_EVERY_COMMITS = 200
+GATHER_TURNS = 4  # at most this many extra turns of the event loop to gather a batch
 
 
 @dataclass
@@ -330,6 +331,7 @@ class JournalWriter:
                 self._wakeup = loop.create_future()
                 await self._wakeup
                 await asyncio.sleep(0)  # let the callers woken in the same loop iteration queue theirs too
+                await self._gather()
             first = self._inbox.popleft()
             if first is None:
                 break
@@ -348,6 +350,17 @@ class JournalWriter:
         for op in self._inbox:  # a stop only follows what was queued before it; nothing should be here
             if op is not None and not op.future.done():
                 op.future.set_exception(JournalUnavailable("The journal is not accepting writes"))
+
+    async def _gather(self) -> None:
+        """While each turn of the event loop brings more operations (requests arriving under load), give it a few
+        more turns before committing: one commit for more callers, fewer fsyncs and fewer rewrites of the same
+        pages (16 consumers committed ~10 operations at a time, and commits took half the loop's time). A lone
+        caller waits one turn more, not longer."""
+        for _ in range(GATHER_TURNS):
+            queued = len(self._inbox)
+            await asyncio.sleep(0)
+            if len(self._inbox) == queued:
+                return
 
     async def _commit(self, batch: list[Op]) -> None:
         started = time.perf_counter()
