@@ -82,7 +82,8 @@ def record_request(state: Mapping[str, Any], method: str, route: str, status: in
     metrics = state.get("metrics")
     if metrics is not None:
         metrics.on_request(method, route, status, seconds)
-    if access_log.isEnabledFor(logging.INFO):
+    settings = state.get("settings")
+    if (settings is None or settings.access_log) and access_log.isEnabledFor(logging.INFO):
         user = principal.username if principal else None
         access_log.info("%s %s %d %.1fms user=%s", method, route, status, seconds * 1000, user or "-",
                         extra={"method": method, "route": route, "status": status,

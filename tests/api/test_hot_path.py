@@ -134,3 +134,12 @@ async def test_hot_requests_are_in_the_access_log_by_route_and_user(
         await client.post("/messages/999/ack", headers=admin)
     lines = [(r.route, r.status, r.user) for r in caplog.records if r.name == "app.access"]  # type: ignore[attr-defined]
     assert lines == [("/queues/{queue}/messages", 201, "admin"), ("/messages/{message_id}/ack", 404, "admin")]
+
+
+async def test_the_access_log_can_be_turned_off(settings: Any, caplog: pytest.LogCaptureFixture) -> None:
+    async with api_client(settings, access_log=False) as (client, _):
+        admin = await client.auth()
+        with caplog.at_level(logging.INFO, logger="app.access"):
+            await client.post("/queues", json={"name": "q"}, headers=admin)
+            await client.post("/queues/q/messages", json={"content": 1}, headers=admin)
+    assert [r for r in caplog.records if r.name == "app.access"] == []
