@@ -34,6 +34,7 @@ from app.models import (
 )
 from app.stores import journal_ops as ops
 from app.stores import message_ops as mops
+from app.stores.journal_connection import Op
 from app.stores.journal_tx import (
     MESSAGE_COLUMNS,
     Row,
@@ -43,7 +44,7 @@ from app.stores.journal_tx import (
     queue_from_row,
     row_from_tuple,
 )
-from app.stores.journal_writer import EventListener, JournalStats, JournalWriter, Op
+from app.stores.journal_writer import EventListener, JournalStats, JournalWriter
 from app.stores.sql_blocks import load
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class SqliteJournalStore:
         """One statement on the writing connection, outside any batch (operators and tests: PRAGMAs)."""
         if self._writer is None:
             raise JournalUnavailable("The journal is open read-only")
-        return await self._writer.run(self._writer.execute, sql)
+        return await self._writer.run(self._writer.db.execute, sql)
 
     @property
     def stats(self) -> JournalStats:
@@ -146,7 +147,7 @@ class SqliteJournalStore:
         if self._writer is not None:
             [(generation,)] = await self._read(SQL["generation"])
             if generation != self._writer.state.generation:
-                await self._writer.run(self._writer.reload)  # the writer's thread owns its caches
+                await self._writer.run(self._writer.db.sync)  # between commits, on the writer's thread
             return
         self._read_queues = {q.id: q for q in await self._load_queues()}
 

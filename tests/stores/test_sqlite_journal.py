@@ -14,7 +14,7 @@ import pytest
 
 from app.errors import JournalUnavailable, MessageNotFound, NotProcessing, StaleLease
 from app.models import Event, EventType, Message, MessageStatus, NewMessage, Queue, QueueSettings
-from app.stores import journal_writer
+from app.stores import journal_connection, journal_writer
 from app.stores.sqlite_journal import SqliteJournalStore
 
 
@@ -479,3 +479,21 @@ async def test_the_wal_is_checkpointed_beside_the_commits(journal: SqliteJournal
             break
         await asyncio.sleep(0.02)
     assert journal.stats.checkpoints >= 1
+
+
+async def test_a_failed_flush_answers_outcome_unknown_and_refuses_every_later_write(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with SqliteJournalStore(path) as journal:
+        queue = await journal.create_queue("q", QueueSettings(), "test")
+
+        def eio(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(journal_connection.os, "fdatasync", eio)
+        with pytest.raises(JournalUnavailable, match="outcome is unknown"):
+            await _publish(journal, queue)
+        monkeypatch.undo()  # the disk seems fine again, but what it lost is unknown (and Linux may not say again)
+        with pytest.raises(JournalUnavailable, match="restarted"):
+            await _publish(journal, queue)
+        assert not journal.healthy
