@@ -51,7 +51,7 @@ for _route in ROUTES:
     _shape = tuple(part for part in _route.path.split("/")[1:] if not part.startswith("{"))
     _SHAPES.setdefault(_shape, {})[_route.method] = _route
 # Paths whose other methods Starlette serves (GET /queues/{queue}/messages lists a queue's messages).
-_SHARED_SHAPES = {("queues", "messages")}
+_STARLETTE_METHODS: dict[tuple[str, ...], tuple[str, ...]] = {("queues", "messages"): ("GET", "HEAD")}
 
 
 def match(path: str) -> tuple[tuple[str, ...], dict[str, HotRoute], str] | None:
@@ -72,16 +72,17 @@ class HotPath:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope.get("root_path"):
-            found = match(scope["path"])
+        if scope["type"] == "http":
+            found = match(_route_path(scope))
             if found is not None:
                 shape, methods, param = found
                 route = methods.get(scope["method"])
                 if route is not None:
                     await self._serve(route, param, scope, receive, send)
                     return
-                if shape not in _SHARED_SHAPES:
-                    await self._not_allowed(methods, scope, send)
+                elsewhere = _STARLETTE_METHODS.get(shape, ())
+                if scope["method"] not in elsewhere:
+                    await self._not_allowed([*methods, *elsewhere], methods, scope, send)
                     return
         await self.app(scope, receive, send)
 
@@ -145,11 +146,11 @@ class HotPath:
     def _too_large(self) -> TooLarge:
         return TooLarge(f"The request body is over the limit of {self.max_body_bytes} bytes", code="body_too_large")
 
-    async def _not_allowed(self, methods: dict[str, HotRoute], scope: Scope, send: Send) -> None:
+    async def _not_allowed(self, allowed: list[str], methods: dict[str, HotRoute], scope: Scope, send: Send) -> None:
         started = time.perf_counter()
         path = next(iter(methods.values())).path
         content = b'{"detail":"Method not allowed on this route","code":"method_not_allowed"}'
-        allow = ", ".join(sorted(methods)).encode()
+        allow = ", ".join(sorted(allowed)).encode()
         await send({"type": "http.response.start", "status": 405,
                     "headers": [*JSON_HEADERS, (b"allow", allow), (b"content-length", b"%d" % len(content))]})
         await send({"type": "http.response.body", "body": content})
@@ -158,6 +159,15 @@ class HotPath:
 
 class _Disconnected(Exception):
     pass
+
+
+def _route_path(scope: Scope) -> str:
+    """The path without the app's root path, as Starlette's router matches it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] == "/":
+        return path[len(root):]
+    return path
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -44,7 +44,36 @@ async def test_other_methods_on_a_shared_path_go_to_starlette(client: ApiClient,
     await client.post("/queues/q/messages", json={"content": 1}, headers=admin)
     browsed = await client.get("/queues/q/messages", headers=admin)
     assert browsed.status_code == 200 and [m["content"] for m in browsed.json()["messages"]] == [1]
-    assert (await client.delete("/queues/q/messages", headers=admin)).status_code == 405
+    refused = await client.delete("/queues/q/messages", headers=admin)
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD, POST"
+    assert refused.json()["code"] == "method_not_allowed"
+
+
+async def test_an_app_mounted_under_a_root_path_serves_its_hot_routes(
+    app_state: tuple[ApiClient, dict[str, Any]], admin: dict[str, str]
+) -> None:
+    """Behind a proxy that strips a prefix (uvicorn --root-path /broker), the path in the scope carries the prefix:
+    the hot path matches what follows it, as Starlette's router does."""
+    state = app_state[1]
+    body = b'{"content": "rooted"}'
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def unreachable(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("a hot route went to Starlette")
+
+    scope = {"type": "http", "method": "POST", "path": "/broker/queues/q/messages", "query_string": b"",
+             "root_path": "/broker", "state": state,
+             "headers": [(b"authorization", admin["Authorization"].encode()), (b"content-type", b"application/json"),
+                         (b"content-length", b"%d" % len(body))]}
+    await HotPath(unreachable, max_body_bytes=1000)(scope, receive, send)
+    assert sent[0]["status"] == 201
+    assert (await state["broker"].journal.counts(state["broker"].journal.queue("q")))["pending"] == 1
 
 
 async def test_a_streamed_body_over_the_limit_is_413_and_nothing_is_journaled(settings: Any) -> None:
