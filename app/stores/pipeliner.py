@@ -23,9 +23,9 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Command = tuple[Any, ...]  # a command and its arguments, e.g. ("LPUSH", key, 1, 2)
-RETRIES = 2  # after a connection error: a Redis that restarted fails a kept connection once
+RETRIES = 2  # after a connection error (not a timeout): a Redis that restarted fails a kept connection once
 LAZY_SECONDS = 0.005  # the longest a lazy command waits for a pipeline to ride with
-_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)  # OSError includes TimeoutError
+_CONNECTION_ERRORS = (RedisConnectionError, OSError)
 
 
 class Pipeliner:
@@ -126,6 +126,11 @@ class Pipeliner:
                     packed = b"".join([hiredis.pack_command(tuple(command)) for command in commands])
                     await connection.send_packed_command(packed, check_health=False)
                     return [await _reply(connection) for _ in commands]
+            except (TimeoutError, RedisTimeoutError):
+                # A Redis that does not answer in time is not retried (the caller's deadline is this one), and the
+                # connection, with replies perhaps still on their way, is dropped.
+                await self._drop()
+                raise
             except _CONNECTION_ERRORS:
                 await self._drop()
                 if attempt == RETRIES:

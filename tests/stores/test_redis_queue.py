@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
+from redis.asyncio.connection import ConnectionPool
 from redis.crc import key_slot
 
 from app.errors import RedisUnavailable
 from app.stores import keys
+from app.stores.pipeliner import Pipeliner
 from app.stores.redis_queue import RedisQueueStore
-from tests.support import free_port
+from tests.support import RedisProcess, free_port
 
 
 @pytest.fixture
@@ -337,3 +343,42 @@ async def test_a_release_not_waited_for_reports_a_redis_it_cannot_reach() -> Non
 
         assert await _until(reported)
         assert isinstance(failures[0], RedisUnavailable)
+
+
+
+# -- the pipeliner -------------------------------------------------------------------------------------------------
+
+
+async def test_a_pipeline_redis_does_not_answer_in_time_is_not_retried_and_its_connection_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """A stopped Redis (SIGSTOP: the kernel still accepts connections) times out once: retrying would make the
+    caller wait several deadlines and would send the commands again on a fresh connection."""
+    server = RedisProcess(tmp_path / "redis").start()
+    assert server.process is not None
+    pool = ConnectionPool.from_url(server.url, socket_timeout=None, socket_connect_timeout=1)
+    opened = 0
+    get_connection = pool.get_connection
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal opened
+        opened += 1
+        return await get_connection(*args, **kwargs)
+
+    pool.get_connection = counted  # type: ignore[method-assign]
+    pipeliner = Pipeliner(pool, timeout=0.3)
+    try:
+        assert await pipeliner.call("PING") == b"PONG"
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                await pipeliner.call("SET", "k", "v")
+            assert opened == 1
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert await pipeliner.call("PING") == b"PONG"  # on a fresh connection
+        assert opened == 2
+    finally:
+        await pipeliner.close()
+        await pool.disconnect()
+        server.stop()
