@@ -136,11 +136,20 @@ class Broker:
     async def _push_published(self, queue: str, results: list[PublishResult]) -> None:
         fresh = [r for r in results if not r.duplicate]
         ready = [r.message_id for r in fresh if r.status is MessageStatus.PENDING]
-        if ready:
-            await self._redis_after_commit(self.redis.enqueue(queue, ready))
         due = {r.message_id: r.available_at for r in fresh if r.status is MessageStatus.DELAYED}
+        try:
+            if ready:  # the LPUSH is in the next pipeline before this awaits anything
+                await self._redis_after_commit(self.redis.enqueue(queue, ready))
+        except asyncio.CancelledError:
+            if due:  # the caller went away meanwhile: the delayed ones must still get to Redis
+                self._spawn(self._gated(self.redis.schedule(queue, due)))
+            raise
         if due:
             await self._redis_after_commit(self.redis.schedule(queue, due))
+
+    async def _gated(self, change: Any) -> None:
+        async with self.gate.shared():
+            await self._redis_after_commit(change)
 
     async def consume(
         self, name: str, *, max_messages: int = 1, wait: float = 0.0, visibility_timeout: float | None = None,

@@ -280,3 +280,33 @@ async def test_a_publish_whose_caller_went_away_after_submitting_still_reaches_r
     [delivery] = await broker.consume("gone", actor="test")
     assert delivery.message.content == '"orphan"'
     assert await broker.recovery.differences() == []
+
+
+async def test_a_mixed_publish_whose_caller_went_away_during_its_push_still_schedules_the_delayed_ones(
+    broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the ready ids are being pushed: the delayed ids of the same publish must reach Redis too."""
+    from app.models import NewMessage, QueueSettings
+
+    await broker.create_queue("mixed", QueueSettings(), "test")
+    pushing = asyncio.Event()
+    enqueue = broker.redis.enqueue
+
+    async def enqueue_then_wait(queue: str, ids: list[int]) -> None:
+        pushing.set()
+        await enqueue(queue, ids)
+
+    monkeypatch.setattr(broker.redis, "enqueue", enqueue_then_wait)
+    publishing = asyncio.create_task(broker.publish(
+        "mixed", [NewMessage(content='"now"'), NewMessage(content='"later"', delay_seconds=60)], "test"))
+    await pushing.wait()
+    publishing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await publishing
+    for _ in range(100):
+        snapshot = await broker.redis.snapshot("mixed")
+        if snapshot.ready and snapshot.delayed:
+            break
+        await asyncio.sleep(0.01)
+    assert len(snapshot.ready) == 1 and len(snapshot.delayed) == 1
+    assert await broker.recovery.differences() == []
