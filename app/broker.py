@@ -43,6 +43,10 @@ class Broker:
         self.gate = Gate()
         self.recovery = Reconciler(journal, redis, self.gate)
         self._background: set[asyncio.Task[Any]] = set()
+        if not journal.read_only:
+            # A commit whose callers already heard "outcome unknown" made changes nobody carried to Redis (a
+            # publish's ids, say): rebuild Redis from the journal.
+            journal.add_late_commit_listener(self.recovery.mark_dirty)
 
     # -- queues ------------------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,18 +100,24 @@ class JournalConnection:
             os.close(self._wal_fd)
             self._wal_fd = None
 
-    def flush(self) -> None:
-        """With sync=full, make every commit written so far durable (the WAL's data; its size when it grew). A
-        failed flush leaves it unknown which writes reached the disk, and the kernel may not report the loss again:
-        from then on the writer refuses every commit until the broker is restarted."""
+    def flush(self) -> float:
+        """With sync=full, make every commit written so far durable (the WAL's data; its size when it grew), and
+        return how long it took. A failed flush leaves it unknown which writes reached the disk, and the kernel
+        may not report the loss again: from then on the writer refuses every commit until the broker is restarted.
+
+        A reader may see a commit in the moment between its COMMIT and this flush (another process's, or this
+        one's while a slow disk has the flush on the writer's thread): a power cut then can take back what it
+        read (a message a browse listed, say). Callers and listeners hear of a commit only after the flush."""
         if self.sync_mode != "full" or self._wal_fd is None:
-            return
+            return 0.0
+        started = time.perf_counter()
         try:
             os.fdatasync(self._wal_fd)
         except OSError as exc:
             log.critical("fsync of the journal's WAL failed (%s): refusing writes until the broker is restarted", exc)
             self.flush_failed = exc
             raise FlushFailed(str(exc)) from exc
+        return time.perf_counter() - started
 
     def sync(self) -> None:
         """Read the next ids and, if another process changed the queues since, reload them."""

@@ -133,6 +133,11 @@ class SqliteJournalStore:
         assert self._writer is not None
         self._writer.listeners.append(listener)
 
+    def add_late_commit_listener(self, listener: Callable[[], None]) -> None:
+        """Called when a commit lands whose callers were already answered "outcome unknown" (it was stuck)."""
+        assert self._writer is not None
+        self._writer.late_commit_listeners.append(listener)
+
     def add_commit_observer(self, observer: Callable[[int, float], None]) -> None:
         """Called with (operations, seconds) after each commit."""
         assert self._writer is not None

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -451,6 +453,8 @@ async def test_a_commit_stuck_behind_another_process_answers_its_callers_and_ref
     monkeypatch.setattr(journal_writer, "WATCH_SECONDS", 0.05)
     async with SqliteJournalStore(path) as journal:
         queue = await journal.create_queue("q", QueueSettings(), "test")
+        late: list[int] = []
+        journal.add_late_commit_listener(lambda: late.append(1))
         # Another process committing and then stopped (SIGSTOP) while it holds the journal's lock:
         peer = os.open(path.with_name(path.name + ".lock"), os.O_RDWR)
         fcntl.flock(peer, fcntl.LOCK_EX)
@@ -467,6 +471,7 @@ async def test_a_commit_stuck_behind_another_process_answers_its_callers_and_ref
             os.close(peer)
         (later,) = await _publish(journal, queue)
         assert journal.healthy
+        assert late == [1]  # the stuck commit landed after its callers heard "unknown": its owners hear of it
         contents = {m.content for m in await journal.browse(queue, None, 0, 10)}
         assert contents == {'"stuck"', (await _message(journal, later)).content}  # the stuck one did commit
 
@@ -497,3 +502,60 @@ async def test_a_failed_flush_answers_outcome_unknown_and_refuses_every_later_wr
         with pytest.raises(JournalUnavailable, match="restarted"):
             await _publish(journal, queue)
         assert not journal.healthy
+
+
+async def test_after_a_slow_flush_the_writer_flushes_on_its_thread_until_the_disk_is_fast_again(
+    journal: SqliteJournalStore, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow disk must not hold the event loop (every other request) for each flush; a fast one is flushed on the
+    loop, where it costs least."""
+    monkeypatch.setattr(journal_writer, "FAST_FLUSHES_TO_RETURN", 3)
+    fdatasync = os.fdatasync
+    slow = True
+    flushed_on: list[str] = []
+
+    def timed_fdatasync(fd: int) -> None:
+        flushed_on.append(threading.current_thread().name)
+        if slow:
+            time.sleep(journal_writer.SLOW_FLUSH_SECONDS * 2)
+        fdatasync(fd)
+
+    monkeypatch.setattr(journal_connection.os, "fdatasync", timed_fdatasync)
+    await _publish(journal, queue)
+    await _publish(journal, queue)
+    assert flushed_on[0] == "MainThread" and flushed_on[1].startswith("journal-writer")
+    slow = False
+    flushed_on.clear()
+    for _ in range(5):
+        await _publish(journal, queue)
+    assert [name.startswith("journal-writer") for name in flushed_on] == [True, True, True, False, False]
+    assert journal.healthy and (await journal.counts(queue))["pending"] == 7
+
+
+async def test_a_cancelled_run_keeps_the_writing_connection_until_its_function_returns(
+    journal: SqliteJournalStore, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread goes on with the connection when its caller is cancelled: a commit must not use it meanwhile
+    (sqlite3 connections are not for two threads at once)."""
+    writer = journal._writer
+    assert writer is not None
+    order: list[str] = []
+
+    def slow() -> None:
+        time.sleep(0.3)
+        order.append("run returned")
+
+    transaction = writer.db.transaction
+
+    def recorded(batch: Any) -> Any:
+        order.append("commit")
+        return transaction(batch)
+
+    monkeypatch.setattr(writer.db, "transaction", recorded)
+    running = asyncio.create_task(writer.run(slow))
+    await asyncio.sleep(0.05)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await _publish(journal, queue)
+    assert order == ["run returned", "commit"]
