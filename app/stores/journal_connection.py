@@ -28,10 +28,13 @@ import orjson
 from app.errors import BrokerError
 from app.models import Queue, is_valid_id
 from app.stores.journal_tx import Counters, Row, Tx, event_params, queue_from_row, row_from_tuple
-from app.stores.sql_blocks import load
+from app.stores.sql_blocks import Positional, load
 
 log = logging.getLogger(__name__)
 SQL = load("journal.sql")
+# The statements run once per message of a batch, bound by position (see Positional).
+INSERT_MESSAGE, UPDATE_MESSAGE, INSERT_EVENT = (Positional.of(SQL[name]) for name in
+                                                ("insert_message", "update_message", "insert_event"))
 Outcome = tuple["Op", Any, BaseException | None]
 
 
@@ -188,15 +191,15 @@ class JournalConnection:
         conn = self._conn
         assert conn is not None
         if tx.inserted:
-            conn.executemany(SQL["insert_message"], tx.inserted)
+            conn.executemany(INSERT_MESSAGE.sql, map(INSERT_MESSAGE.pick, tx.inserted))
         if tx.dirty:
-            conn.executemany(SQL["update_message"], list(tx.dirty.values()))
+            conn.executemany(UPDATE_MESSAGE.sql, map(UPDATE_MESSAGE.pick, tx.dirty.values()))
         if tx.deleted:
             conn.executemany(SQL["delete_message"], [{"id": i} for i in tx.deleted])
         for sql, params in tx.statements:
             conn.execute(sql, params)
         if tx.events:
-            conn.executemany(SQL["insert_event"], [event_params(e) for e in tx.events])
+            conn.executemany(INSERT_EVENT.sql, [INSERT_EVENT.pick(event_params(e)) for e in tx.events])
         deltas = [{"queue_id": q, "status": s, "delta": d} for (q, s), d in tx.count_deltas.items()
                   if d and q in tx.queues_by_id]
         if deltas:

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from operator import itemgetter
+from typing import Any
+
+_NAMED = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
 
 
 @cache
@@ -22,3 +29,19 @@ def load(filename: str) -> dict[str, str]:
     if name:
         blocks[name] = "\n".join(lines).strip()
     return blocks
+
+
+@dataclass(frozen=True)
+class Positional:
+    """A named block bound by position: sqlite3 binds a mapping's parameters by looking each name up, row by row,
+    which cost a third of an INSERT of a small row here; the block stays named, and `pick` takes the parameters out
+    of each mapping in the statement's order (in C). For statements without a ':name' inside a string literal."""
+
+    sql: str
+    pick: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+
+    @classmethod
+    def of(cls, named_sql: str) -> Positional:
+        names = _NAMED.findall(named_sql)
+        assert len(names) > 1, "a statement of one parameter needs no picking"
+        return cls(_NAMED.sub("?", named_sql), itemgetter(*names))
