@@ -46,8 +46,10 @@ WATCH_SECONDS = 1.0  # how often the watchdog looks for a stuck commit
 BATCH_ROWS = 5_000  # rows per transaction: bounds how long one commit holds the event loop
 CHECKPOINT_EVERY_COMMITS = 200
 GATHER_TURNS = 4  # at most this many extra turns of the event loop to gather a batch
-SLOW_FLUSH_SECONDS = 0.01  # a flush slower than this moves flushing to the writer's thread
-FAST_FLUSHES_TO_RETURN = 1000
+STALL_SECONDS = 0.1  # one flush slower than this moves flushing to the writer's thread (see _flush)
+SLOW_AVERAGE_SECONDS = 0.005  # so do flushes averaging slower than this (one slow flush on a busy VM does not)
+FLUSH_AVERAGE_WEIGHT = 0.02  # of the latest flush in the moving average (about the last 50 flushes)
+FLUSHES_TO_RETURN = 1000  # on the thread before flushing on the loop again
 
 
 @dataclass
@@ -82,7 +84,8 @@ class JournalWriter:
         self._commits_since_checkpoint = 0
         self._checkpoint: asyncio.Future[None] | None = None
         self._slow_disk = False  # flush on the writer's thread (see _flush)
-        self._fast_flushes = 0
+        self._flush_average = 0.0  # seconds, a moving average
+        self._thread_flushes = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -254,18 +257,22 @@ class JournalWriter:
 
     async def _flush(self) -> None:
         """Flush the WAL on the event loop while the disk answers fast (handing it to the writer's thread and back
-        cost 20-40% of the throughput here, against a 0.1-0.6 ms flush); on the thread once a flush has been
-        slow, so that a slow or stalling disk holds up the commits but not every other request, and the watchdog
-        can answer for a stuck one. Back on the loop after FAST_FLUSHES_TO_RETURN fast flushes in a row."""
-        if not self._slow_disk:
-            if self.db.flush() > SLOW_FLUSH_SECONDS:
-                self._slow_disk, self._fast_flushes = True, 0
-                log.warning("a flush of the journal took over %.0f ms: flushing on the writer's thread from now on",
-                            SLOW_FLUSH_SECONDS * 1000)
-            return
-        seconds = await asyncio.get_running_loop().run_in_executor(self._thread, self.db.flush)
-        self._fast_flushes = self._fast_flushes + 1 if seconds < SLOW_FLUSH_SECONDS / 4 else 0
-        if self._fast_flushes >= FAST_FLUSHES_TO_RETURN:
+        cost 20-40% of the throughput here, against a 0.1-0.6 ms flush); on the thread once the disk stalls (one
+        flush over STALL_SECONDS) or is slow (flushes averaging over SLOW_AVERAGE_SECONDS), so that such a disk
+        holds up the commits but not every other request, and the watchdog can answer for a stuck one. Back on
+        the loop after FLUSHES_TO_RETURN flushes on the thread, once they average fast again."""
+        if self._slow_disk:
+            seconds = await asyncio.get_running_loop().run_in_executor(self._thread, self.db.flush)
+            self._thread_flushes += 1
+        else:
+            seconds = self.db.flush()
+        self._flush_average += (seconds - self._flush_average) * FLUSH_AVERAGE_WEIGHT
+        if not self._slow_disk and (seconds > STALL_SECONDS or self._flush_average > SLOW_AVERAGE_SECONDS):
+            self._slow_disk, self._thread_flushes = True, 0
+            log.warning("the journal's disk is slow (a flush took %.0f ms, %.1f ms on average): flushing on the "
+                        "writer's thread from now on", seconds * 1000, self._flush_average * 1000)
+        elif (self._slow_disk and self._thread_flushes >= FLUSHES_TO_RETURN
+              and self._flush_average < SLOW_AVERAGE_SECONDS / 4):
             self._slow_disk = False
             log.info("the journal's disk flushes fast again: flushing on the event loop")
 

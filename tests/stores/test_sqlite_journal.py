@@ -504,12 +504,14 @@ async def test_a_failed_flush_answers_outcome_unknown_and_refuses_every_later_wr
         assert not journal.healthy
 
 
-async def test_after_a_slow_flush_the_writer_flushes_on_its_thread_until_the_disk_is_fast_again(
+async def test_after_a_stalled_flush_the_writer_flushes_on_its_thread_until_the_disk_is_fast_again(
     journal: SqliteJournalStore, queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A slow disk must not hold the event loop (every other request) for each flush; a fast one is flushed on the
     loop, where it costs least."""
-    monkeypatch.setattr(journal_writer, "FAST_FLUSHES_TO_RETURN", 3)
+    monkeypatch.setattr(journal_writer, "FLUSHES_TO_RETURN", 3)
+    monkeypatch.setattr(journal_writer, "STALL_SECONDS", 0.02)
+    monkeypatch.setattr(journal_writer, "SLOW_AVERAGE_SECONDS", 0.05)
     fdatasync = os.fdatasync
     slow = True
     flushed_on: list[str] = []
@@ -517,7 +519,7 @@ async def test_after_a_slow_flush_the_writer_flushes_on_its_thread_until_the_dis
     def timed_fdatasync(fd: int) -> None:
         flushed_on.append(threading.current_thread().name)
         if slow:
-            time.sleep(journal_writer.SLOW_FLUSH_SECONDS * 2)
+            time.sleep(0.03)  # a stall
         fdatasync(fd)
 
     monkeypatch.setattr(journal_connection.os, "fdatasync", timed_fdatasync)
@@ -528,7 +530,7 @@ async def test_after_a_slow_flush_the_writer_flushes_on_its_thread_until_the_dis
     flushed_on.clear()
     for _ in range(5):
         await _publish(journal, queue)
-    assert [name.startswith("journal-writer") for name in flushed_on] == [True, True, True, False, False]
+    assert [name.startswith("journal-writer") for name in flushed_on] == [True, True, False, False, False]
     assert journal.healthy and (await journal.counts(queue))["pending"] == 7
 
 
@@ -559,3 +561,22 @@ async def test_a_cancelled_run_keeps_the_writing_connection_until_its_function_r
         await running
     await _publish(journal, queue)
     assert order == ["run returned", "commit"]
+
+
+async def test_flushes_slow_on_average_move_to_the_writers_thread_too(
+    journal: SqliteJournalStore, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_writer, "SLOW_AVERAGE_SECONDS", 0.002)
+    monkeypatch.setattr(journal_writer, "FLUSH_AVERAGE_WEIGHT", 0.5)
+    fdatasync = os.fdatasync
+    flushed_on: list[str] = []
+
+    def slowish_fdatasync(fd: int) -> None:  # under STALL_SECONDS, but every time
+        flushed_on.append(threading.current_thread().name)
+        time.sleep(0.005)
+        fdatasync(fd)
+
+    monkeypatch.setattr(journal_connection.os, "fdatasync", slowish_fdatasync)
+    for _ in range(4):
+        await _publish(journal, queue)
+    assert flushed_on[0] == "MainThread" and all(name.startswith("journal-writer") for name in flushed_on[2:])
