@@ -310,3 +310,36 @@ async def test_a_mixed_publish_whose_caller_went_away_during_its_push_still_sche
         await asyncio.sleep(0.01)
     assert len(snapshot.ready) == 1 and len(snapshot.delayed) == 1
     assert await broker.recovery.differences() == []
+
+
+async def test_a_publish_answered_outcome_unknown_that_commits_later_still_reaches_redis(
+    broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog answers a commit stuck behind another process's lock "outcome unknown": the publish does not
+    push its id to Redis. When the commit lands after all, Redis is rebuilt, so the message is not stranded."""
+    import fcntl
+    import os
+
+    from app.errors import JournalUnavailable
+    from app.models import NewMessage, QueueSettings
+    from app.stores import journal_writer
+
+    monkeypatch.setattr(journal_writer, "SUBMIT_TIMEOUT_SECONDS", 0.3)
+    monkeypatch.setattr(journal_writer, "WATCH_SECONDS", 0.05)
+    await broker.create_queue("late", QueueSettings(), "test")
+    path = broker.journal.path
+    peer = os.open(path.with_name(path.name + ".lock"), os.O_RDWR)
+    fcntl.flock(peer, fcntl.LOCK_EX)  # another process, stopped while it commits
+    try:
+        with pytest.raises(JournalUnavailable, match="unknown"):
+            await broker.publish("late", [NewMessage(content='"late"')], "test")
+    finally:
+        fcntl.flock(peer, fcntl.LOCK_UN)
+        os.close(peer)
+    for _ in range(300):  # the commit lands; the watcher (every second) rebuilds Redis
+        if broker.recovery.redis_up and (await broker.redis.snapshot("late")).ready:
+            break
+        await asyncio.sleep(0.02)
+    [delivery] = await broker.consume("late", actor="test")
+    assert delivery.message.content == '"late"'
+    assert await broker.recovery.differences() == []
