@@ -47,6 +47,9 @@ class Broker:
             # A commit whose callers already heard "outcome unknown" made changes nobody carried to Redis (a
             # publish's ids, say): rebuild Redis from the journal.
             journal.add_late_commit_listener(self.recovery.mark_dirty)
+        # A Redis change that follows a commit and fails after its caller went away (a cancelled request): the
+        # same as one failing in front of it.
+        redis.report_abandoned_failures(self._redis_failed_after_commit)
 
     # -- queues ------------------------------------------------------------------------------------------------
 

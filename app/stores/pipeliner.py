@@ -13,7 +13,8 @@ connection as the client's own Retry would.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -22,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+log = logging.getLogger(__name__)
 Command = tuple[Any, ...]  # a command and its arguments, e.g. ("LPUSH", key, 1, 2)
 RETRIES = 2  # after a connection error (not a timeout): a Redis that restarted fails a kept connection once
 LAZY_SECONDS = 0.005  # the longest a lazy command waits for a pipeline to ride with
@@ -38,6 +40,8 @@ class Pipeliner:
         self._pushes: dict[str, tuple[list[Any], asyncio.Future[Any]]] = {}  # one LPUSH per list and pipeline
         self._flushing = False
         self._lazy_timer: asyncio.TimerHandle | None = None
+        # Hears of a command that failed after its caller went away (a cancelled request): nobody else would.
+        self.on_abandoned_failure: Callable[[BaseException], None] | None = None
 
     async def call(self, *command: Any) -> Any:
         """Run one command in the next pipeline; a Redis error reply is raised (redis-py's exception for it)."""
@@ -65,7 +69,23 @@ class Pipeliner:
             self._pending.append(merged)
             self._schedule()
         merged[0].extend(ids)
-        await asyncio.shield(merged[1])  # shared by several callers: one leaving must not cancel it for all
+        try:
+            await asyncio.shield(merged[1])  # shared by several callers: one leaving must not cancel it for all
+        except asyncio.CancelledError:
+            merged[1].add_done_callback(self._report_if_failed)
+            raise
+
+    def _report_if_failed(self, done: asyncio.Future[Any]) -> None:
+        error = None if done.cancelled() else done.exception()
+        if error is not None:
+            self._abandoned(error)
+
+    def _abandoned(self, error: BaseException) -> None:
+        if self.on_abandoned_failure is not None:
+            try:
+                self.on_abandoned_failure(error)
+            except Exception:  # the report must not stop the pipeline
+                log.exception("reporting a failed Redis command failed")
 
     async def close(self) -> None:
         if self._lazy_timer is not None:
@@ -97,13 +117,17 @@ class Pipeliner:
                     replies = await self._execute([command for command, _ in batch])
                 except BaseException as exc:  # the round trip failed: every caller of this batch learns it
                     for _, future in batch:
-                        if not future.done():
+                        if future.cancelled():
+                            self._abandoned(exc)
+                        elif not future.done():
                             future.set_exception(exc if isinstance(exc, Exception) else ConnectionError(str(exc)))
                     if not isinstance(exc, Exception):
                         raise
                     continue
                 for (_, future), reply in zip(batch, replies, strict=True):
                     if future.done():
+                        if future.cancelled() and isinstance(reply, Exception):
+                            self._abandoned(reply)
                         continue
                     if isinstance(reply, Exception):
                         future.set_exception(reply)

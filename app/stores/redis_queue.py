@@ -61,6 +61,17 @@ class RedisQueueStore:
         self._blocking: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._report_abandoned: Callable[[RedisUnavailable], None] | None = None
+
+    def report_abandoned_failures(self, report: Callable[[RedisUnavailable], None]) -> None:
+        """`report` hears of a change sent in a shared pipeline that failed after its caller went away (a request
+        cancelled while it waited for Redis): nobody else would, and what it changed may be missing from Redis."""
+        self._report_abandoned = report
+
+    def _abandoned_failure(self, error: BaseException) -> None:
+        if self._report_abandoned is not None:
+            self._report_abandoned(RedisUnavailable(
+                f"Redis is unavailable (a change whose caller went away): {error.__class__.__name__}"))
 
     async def __aenter__(self) -> RedisQueueStore:
         self._redis = aioredis.Redis.from_url(
@@ -83,6 +94,7 @@ class RedisQueueStore:
         self._pipeliner = Pipeliner(ConnectionPool.from_url(self.url, socket_timeout=None,
                                                             socket_connect_timeout=self._timeout),
                                     timeout=self._timeout)
+        self._pipeliner.on_abandoned_failure = self._abandoned_failure
         lua = resources.files("app.stores") / "lua"
         for name in _SCRIPTS:
             self._scripts[name] = self._redis.register_script((lua / f"{name}.lua").read_text())

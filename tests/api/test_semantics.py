@@ -312,6 +312,46 @@ async def test_a_mixed_publish_whose_caller_went_away_during_its_push_still_sche
     assert await broker.recovery.differences() == []
 
 
+async def test_a_publish_whose_caller_went_away_during_a_push_that_then_fails_gets_redis_rebuilt(
+    broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while its ids are pushed, and then the push fails (Redis went away): the error reaches no caller,
+    yet the message is journaled and missing from Redis. Redis must be marked for a rebuild, which brings it back."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from app.models import NewMessage, QueueSettings
+
+    await broker.create_queue("lost", QueueSettings(), "test")
+    pipeliner = broker.redis._pipeliner
+    execute = pipeliner._execute
+    sent, fail = asyncio.Event(), asyncio.Event()
+
+    async def push_fails_later(commands: list[Any]) -> list[Any]:
+        if any(command[0] == "LPUSH" for command in commands):
+            sent.set()
+            await fail.wait()
+            raise RedisConnectionError("Redis went away")
+        return list(await execute(commands))
+
+    monkeypatch.setattr(pipeliner, "_execute", push_fails_later)
+    publishing = asyncio.create_task(broker.publish("lost", [NewMessage(content='"stranded?"')], "test"))
+    await sent.wait()
+    publishing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await publishing
+    fail.set()
+    for _ in range(100):
+        if not broker.recovery.redis_up:
+            break
+        await asyncio.sleep(0.01)
+    assert not broker.recovery.redis_up  # publish and consume answer 503 until Redis is rebuilt
+    monkeypatch.setattr(pipeliner, "_execute", execute)
+    await broker.recovery.reconcile()
+    assert await broker.recovery.differences() == []
+    [delivery] = await broker.consume("lost", actor="test")
+    assert delivery.message.content == '"stranded?"'
+
+
 async def test_a_publish_answered_outcome_unknown_that_commits_later_still_reaches_redis(
     broker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

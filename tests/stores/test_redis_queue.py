@@ -382,3 +382,43 @@ async def test_a_pipeline_redis_does_not_answer_in_time_is_not_retried_and_its_c
         await pipeliner.close()
         await pool.disconnect()
         server.stop()
+
+
+async def test_a_pipelined_change_that_fails_after_its_caller_went_away_is_reported(tmp_path: Path) -> None:
+    """A request cancelled while its change waits for Redis: if that change then fails, nobody awaits the error, yet
+    what it changed is missing from Redis. The pipeliner reports it (the broker then rebuilds Redis)."""
+    server = RedisProcess(tmp_path / "redis").start()
+    assert server.process is not None
+    pool = ConnectionPool.from_url(server.url, socket_timeout=None, socket_connect_timeout=1)
+    pipeliner = Pipeliner(pool, timeout=0.3)
+    reported: list[BaseException] = []
+    pipeliner.on_abandoned_failure = reported.append
+    try:
+        assert await pipeliner.call("PING") == b"PONG"
+        os.kill(server.process.pid, signal.SIGSTOP)  # every round trip from now on times out
+        try:
+            pushing = asyncio.create_task(pipeliner.push("ready", [1, 2]))
+            calling = asyncio.create_task(pipeliner.call("ZADD", "delayed", 1, 3))
+            staying = asyncio.create_task(pipeliner.push("ready", [4]))  # shares the LPUSH, still awaited
+            await asyncio.sleep(0.05)  # the pipeline is in flight
+            pushing.cancel()
+            calling.cancel()
+            for task in (pushing, calling):
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            with pytest.raises(TimeoutError):
+                await staying
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert len(reported) == 2 and all(isinstance(e, TimeoutError) for e in reported), reported
+        assert await pipeliner.call("PING") == b"PONG"
+        ok = asyncio.create_task(pipeliner.call("SET", "k", "v"))
+        await asyncio.sleep(0)
+        ok.cancel()  # a change that went out and succeeded is not reported, answered or not
+        await asyncio.gather(ok, return_exceptions=True)
+        assert await pipeliner.call("GET", "k") == b"v"
+        assert len(reported) == 2
+    finally:
+        await pipeliner.close()
+        await pool.disconnect()
+        server.stop()
