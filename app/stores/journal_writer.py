@@ -46,7 +46,7 @@ WATCH_SECONDS = 1.0  # how often the watchdog looks for a stuck commit
 BATCH_ROWS = 5_000  # rows per transaction: bounds how long one commit holds the event loop
 CHECKPOINT_EVERY_COMMITS = 200
 GATHER_TURNS = 4  # at most this many extra turns of the event loop to gather a batch
-STALL_SECONDS = 0.1  # one flush slower than this moves flushing to the writer's thread (see _flush)
+STALL_SECONDS = 0.1  # one flush slower than this moves flushing off the loop (see _flush)
 SLOW_AVERAGE_SECONDS = 0.005  # so do flushes averaging slower than this (one slow flush on a busy VM does not)
 FLUSH_AVERAGE_WEIGHT = 0.02  # of the latest flush in the moving average (about the last 50 flushes)
 FLUSHES_TO_RETURN = 1000  # on the thread before flushing on the loop again
@@ -75,6 +75,9 @@ class JournalWriter:
         self.late_commit_listeners: list[Callable[[], None]] = []  # a commit whose callers were answered before it
         self._lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-writer")
+        # Flushes off the loop (a slow disk) have a thread of their own: on the writer's they would queue behind a
+        # checkpoint, and every commit would wait for it. (fdatasync of the WAL beside a checkpoint is safe.)
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-flush")
         self.db = JournalConnection(path, sync=sync, lock_fd=self._lock_fd)
         self._conn_lock = asyncio.Lock()  # one user of the writing connection at a time: a commit or a `run`
         self._inbox: deque[Op | None] = deque()
@@ -83,7 +86,7 @@ class JournalWriter:
         self._commit_started: float | None = None  # monotonic time the commit in progress started
         self._commits_since_checkpoint = 0
         self._checkpoint: asyncio.Future[None] | None = None
-        self._slow_disk = False  # flush on the writer's thread (see _flush)
+        self._slow_disk = False  # flush on the flush thread (see _flush)
         self._flush_average = 0.0  # seconds, a moving average
         self._thread_flushes = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -99,7 +102,7 @@ class JournalWriter:
         self._stopping = True
         if self._tasks:
             self._put(None)  # the loop drains what was queued before this, then stops
-            await self._tasks[0]
+            await asyncio.wait([self._tasks[0]])  # (one stopped by a bug has logged it: close all the same)
             self._tasks[1].cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._tasks = []
@@ -107,6 +110,7 @@ class JournalWriter:
             await asyncio.gather(self._checkpoint, return_exceptions=True)
         await self.run(self.db.close)
         self._thread.shutdown(wait=True)
+        self._flusher.shutdown(wait=True)
         os.close(self._lock_fd)
 
     @property
@@ -147,6 +151,18 @@ class JournalWriter:
     # -- on the event loop ----------------------------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        try:
+            await self._commit_batches()
+        except Exception:
+            self.healthy = False
+            log.exception("the journal writer stopped on an unexpected error; nothing more is written")
+            raise
+        finally:  # after a stop nothing should be left; after a bug, nobody must wait for an answer forever
+            for op in self._inbox:
+                if op is not None and not op.future.done():
+                    op.future.set_exception(JournalUnavailable("The journal is not accepting writes"))
+
+    async def _commit_batches(self) -> None:
         loop = asyncio.get_running_loop()
         stopping = False
         while not stopping:
@@ -169,10 +185,13 @@ class JournalWriter:
                 self._inbox.popleft()
                 batch.append(op)
                 rows += op.rows
-            await self._commit(batch)
-        for op in self._inbox:  # a stop only follows what was queued before it; nothing should be here
-            if op is not None and not op.future.done():
-                op.future.set_exception(JournalUnavailable("The journal is not accepting writes"))
+            try:
+                await self._commit(batch)
+            except BaseException as exc:  # a bug, or the task cancelled: this batch's callers must hear of it
+                self._fail(batch, exc, JournalUnavailable(
+                    "The journal writer stopped; the outcome is unknown, retry (with an Idempotency-Key for "
+                    "publishes)", retry_after=5))
+                raise
 
     async def _gather(self) -> None:
         """While each turn of the event loop brings more operations (requests arriving under load), give it a few
@@ -217,7 +236,10 @@ class JournalWriter:
             # The watchdog answered some of these "outcome unknown", so their callers did not follow up (a publish
             # did not push its ids to Redis): let the owners of what follows a commit catch up.
             for late in self.late_commit_listeners:
-                late()
+                try:
+                    late()
+                except Exception:  # as with every listener: never undo or block a commit
+                    log.exception("journal late-commit listener failed")
         for op, result, error in outcomes:
             if op.future.done():  # the caller went away, or the watchdog answered it; committed regardless
                 continue
@@ -256,13 +278,13 @@ class JournalWriter:
         return done
 
     async def _flush(self) -> None:
-        """Flush the WAL on the event loop while the disk answers fast (handing it to the writer's thread and back
-        cost 20-40% of the throughput here, against a 0.1-0.6 ms flush); on the thread once the disk stalls (one
+        """Flush the WAL on the event loop while the disk answers fast (handing it to a thread and back cost
+        20-40% of the throughput here, against a 0.1-0.6 ms flush); on a thread once the disk stalls (one
         flush over STALL_SECONDS) or is slow (flushes averaging over SLOW_AVERAGE_SECONDS), so that such a disk
         holds up the commits but not every other request, and the watchdog can answer for a stuck one. Back on
         the loop after FLUSHES_TO_RETURN flushes on the thread, once they average fast again."""
         if self._slow_disk:
-            seconds = await asyncio.get_running_loop().run_in_executor(self._thread, self.db.flush)
+            seconds = await asyncio.get_running_loop().run_in_executor(self._flusher, self.db.flush)
             self._thread_flushes += 1
         else:
             seconds = self.db.flush()
@@ -270,7 +292,7 @@ class JournalWriter:
         if not self._slow_disk and (seconds > STALL_SECONDS or self._flush_average > SLOW_AVERAGE_SECONDS):
             self._slow_disk, self._thread_flushes = True, 0
             log.warning("the journal's disk is slow (a flush took %.0f ms, %.1f ms on average): flushing on the "
-                        "writer's thread from now on", seconds * 1000, self._flush_average * 1000)
+                        "journal's flush thread from now on", seconds * 1000, self._flush_average * 1000)
         elif (self._slow_disk and self._thread_flushes >= FLUSHES_TO_RETURN
               and self._flush_average < SLOW_AVERAGE_SECONDS / 4):
             self._slow_disk = False

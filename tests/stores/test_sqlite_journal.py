@@ -454,6 +454,11 @@ async def test_a_commit_stuck_behind_another_process_answers_its_callers_and_ref
     async with SqliteJournalStore(path) as journal:
         queue = await journal.create_queue("q", QueueSettings(), "test")
         late: list[int] = []
+
+        def broken() -> None:
+            raise RuntimeError("a listener's bug")
+
+        journal.add_late_commit_listener(broken)  # must not stop the writer, nor the listeners after it
         journal.add_late_commit_listener(lambda: late.append(1))
         # Another process committing and then stopped (SIGSTOP) while it holds the journal's lock:
         peer = os.open(path.with_name(path.name + ".lock"), os.O_RDWR)
@@ -469,7 +474,7 @@ async def test_a_commit_stuck_behind_another_process_answers_its_callers_and_ref
         finally:
             fcntl.flock(peer, fcntl.LOCK_UN)
             os.close(peer)
-        (later,) = await _publish(journal, queue)
+        (later,) = await asyncio.wait_for(_publish(journal, queue), 5)
         assert journal.healthy
         assert late == [1]  # the stuck commit landed after its callers heard "unknown": its owners hear of it
         contents = {m.content for m in await journal.browse(queue, None, 0, 10)}
@@ -525,12 +530,12 @@ async def test_after_a_stalled_flush_the_writer_flushes_on_its_thread_until_the_
     monkeypatch.setattr(journal_connection.os, "fdatasync", timed_fdatasync)
     await _publish(journal, queue)
     await _publish(journal, queue)
-    assert flushed_on[0] == "MainThread" and flushed_on[1].startswith("journal-writer")
+    assert flushed_on[0] == "MainThread" and flushed_on[1].startswith("journal-flush")
     slow = False
     flushed_on.clear()
     for _ in range(5):
         await _publish(journal, queue)
-    assert [name.startswith("journal-writer") for name in flushed_on] == [True, True, False, False, False]
+    assert [name.startswith("journal-flush") for name in flushed_on] == [True, True, False, False, False]
     assert journal.healthy and (await journal.counts(queue))["pending"] == 7
 
 
@@ -579,4 +584,69 @@ async def test_flushes_slow_on_average_move_to_the_writers_thread_too(
     monkeypatch.setattr(journal_connection.os, "fdatasync", slowish_fdatasync)
     for _ in range(4):
         await _publish(journal, queue)
-    assert flushed_on[0] == "MainThread" and all(name.startswith("journal-writer") for name in flushed_on[2:])
+    assert flushed_on[0] == "MainThread" and all(name.startswith("journal-flush") for name in flushed_on[2:])
+
+
+async def test_on_a_slow_disk_a_commit_is_answered_only_after_its_flush_and_never_waits_for_a_checkpoint(
+    journal: SqliteJournalStore, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off the loop, the flush still comes before the answer (201 means durable); and it has a thread of its own,
+    so a checkpoint running on the writer's thread (seconds on a slow disk) does not hold up every commit."""
+    writer = journal._writer
+    assert writer is not None
+    writer._slow_disk = True
+    checkpointing, end_checkpoint = threading.Event(), threading.Event()
+
+    def long_checkpoint() -> None:
+        checkpointing.set()
+        end_checkpoint.wait(10)
+
+    monkeypatch.setattr(writer.db, "checkpoint", long_checkpoint)
+    writer._start_checkpoint()
+    assert await asyncio.get_running_loop().run_in_executor(None, checkpointing.wait, 5)
+    flushing, end_flush = threading.Event(), threading.Event()
+    fdatasync = os.fdatasync
+
+    def held_fdatasync(fd: int) -> None:
+        flushing.set()
+        end_flush.wait(10)
+        fdatasync(fd)
+
+    monkeypatch.setattr(journal_connection.os, "fdatasync", held_fdatasync)
+    try:
+        publishing = asyncio.create_task(_publish(journal, queue))
+        assert await asyncio.get_running_loop().run_in_executor(None, flushing.wait, 5)  # beside the checkpoint
+        await asyncio.sleep(0.1)
+        assert not publishing.done()  # committed, not yet flushed: not answered
+        end_flush.set()
+        assert len(await asyncio.wait_for(publishing, 5)) == 1
+        assert writer._checkpoint is not None  # the checkpoint is still running
+    finally:
+        end_flush.set()
+        end_checkpoint.set()
+
+
+async def test_a_writer_stopped_by_a_bug_answers_every_caller_instead_of_leaving_them_waiting(
+    journal: SqliteJournalStore, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = journal._writer
+    assert writer is not None
+    entered, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held_then_broken(batch: Any) -> None:
+        entered.set()
+        await go_on.wait()
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(writer, "_commit", held_then_broken)
+    first = asyncio.ensure_future(_publish(journal, queue))
+    await entered.wait()
+    queued = asyncio.ensure_future(_publish(journal, queue))  # waits in the inbox behind the broken commit
+    await asyncio.sleep(0)
+    go_on.set()
+    results = await asyncio.wait_for(asyncio.gather(first, queued, return_exceptions=True), 5)
+    assert all(isinstance(r, JournalUnavailable) for r in results), results
+    assert "unknown" in str(results[0]) and "not accepting" in str(results[1])
+    assert not journal.healthy
+    with pytest.raises(JournalUnavailable):
+        await _publish(journal, queue)
