@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.runner import BATCH_CONNECTIONS, BATCH_SIZE, CONSUMERS, LATENCY_CONSUMERS, Results, Sample
+from bench.runner import BATCH_CONNECTIONS, BATCH_SIZE, CONSUME_MAX, CONSUMERS, LATENCY_CONSUMERS, Results, Sample
 
 MiB = 1024 * 1024
 BOUNDED_REBUILD_GROWTH = 64 * MiB  # "bounded memory": the broker's RSS grows by less than this while rebuilding
@@ -252,14 +252,19 @@ def render(results: Results) -> str:
     add(f"{CONSUMERS} wrk connections (`bench/wrk/consume_ack.lua`), each looping `GET "
         "/queues/{q}/messages/consume?wait=1` then `POST /messages/{id}/ack` with the lease id from that response, "
         "on a prefilled queue (sync full, 1 worker). One message = one acked delivery = 2 requests; the latencies "
-        f"are per request (consumes and acks alike). Ratio: msg/s over the baseline's req/s at c{CONSUMERS}.")
+        f"are per request (consumes and acks alike). Ratio: msg/s over the baseline's req/s at c{CONSUMERS}. "
+        f"The second row is the same loop with `POST /queues/{{q}}/messages/consume` "
+        f"`{{\"max\": {CONSUME_MAX}, \"wait\": 1}}` instead: up to {CONSUME_MAX} deliveries per consume, each "
+        "still acked by a request of its own (the target is judged on the first row).")
     add("")
-    add("| msg/s | request p50 | request p99 | ratio | wrk CPU | runs |")
-    add("|---|---|---|---|---|---|")
-    f = figure(results, "full-1w.consume")
-    add(f"| {_n(f.rate if f else None)} | {_ms(f.p50 if f else None)} | {_ms(f.p99 if f else None)} | "
-        f"{_pct(f.ratio if f else None)} | {_pct(f.client_cpu if f else None)} of a core | "
-        f"{f.runs() if f else '-'} |")
+    add("| consume | msg/s | request p50 | request p99 | ratio | wrk CPU | runs |")
+    add("|---|---|---|---|---|---|---|")
+    for label, key in (("`GET`, 1 message", "full-1w.consume"),
+                       (f"`POST`, max {CONSUME_MAX}", "full-1w.consume_batch")):
+        f = figure(results, key)
+        add(f"| {label} | {_n(f.rate if f else None)} | {_ms(f.p50 if f else None)} | "
+            f"{_ms(f.p99 if f else None)} | {_pct(f.ratio if f else None)} | "
+            f"{_pct(f.client_cpu if f else None)} of a core | {f.runs() if f else '-'} |")
     add("")
 
     add("## Publish-to-delivery latency (long-poll)")
@@ -353,10 +358,11 @@ def render(results: Results) -> str:
     add("## Notes")
     add("")
     notes = [f"**Failed**: {failure}" for failure in results.failures] + list(results.notes)
-    f = figure(results, "full-1w.consume")
-    if f and f.client_cpu is not None and f.client_cpu > 0.85:
-        notes.append(f"consume+ack: wrk used {f.client_cpu:.0%} of a core, so it may itself limit the figure on "
-                     "this machine.")
+    for key in ("full-1w.consume", "full-1w.consume_batch"):
+        f = figure(results, key)
+        if f and f.client_cpu is not None and f.client_cpu > 0.85:
+            notes.append(f"{key}: wrk used {f.client_cpu:.0%} of a core, so it may itself limit the figure on "
+                         "this machine.")
     if not notes:
         notes.append("No errors: every request the figures count was answered 2xx.")
     for note in notes:

@@ -51,12 +51,13 @@ CONCURRENCY = (1, 16, 64)
 BATCH_SIZE = 100
 BATCH_CONNECTIONS = 16
 CONSUMERS = 16
+CONSUME_MAX = 10  # messages per consume in the batched consume+ack figure (each still acked on its own)
 LATENCY_CONSUMERS = 4
 PREFILL_RATE = 6_000  # msg/s the consume+ack queue is prefilled for: more than a broker worker acks here
 WRK_TIMEOUT = "10s"
 SCENARIOS = ("publish", "batch", "consume", "latency", "sync", "workers", "recovery")
 QUEUES = {"warmup": "bench-warmup", "publish": "bench-publish", "batch": "bench-batch",
-          "consume": "bench-consume", "latency": "bench-latency"}
+          "consume": "bench-consume", "consume_batch": "bench-consume-batch", "latency": "bench-latency"}
 INSTALL_WRK = "wrk is not installed: `apt-get install -y wrk` (Debian/Ubuntu package `wrk`)"
 INSTALL_AIOHTTP = "aiohttp is not installed: `pip install aiohttp` (or `pip install -e '.[dev]'`)"
 CONSUME_WAIT = 1  # seconds a consume may long-poll
@@ -157,10 +158,10 @@ class WrkResult:
 
 
 def run_wrk(url: str, body_file: Path | None, token: str, connections: int, duration: int,
-            script: Path = PUBLISH_SCRIPT) -> WrkResult:
+            script: Path = PUBLISH_SCRIPT, env: dict[str, str] | None = None) -> WrkResult:
     command = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{duration}s", "--timeout", WRK_TIMEOUT,
                "-s", str(script), url]
-    env = {**os.environ, "BENCH_TOKEN": token, "BENCH_BODY_FILE": str(body_file or "")}
+    env = {**os.environ, "BENCH_TOKEN": token, "BENCH_BODY_FILE": str(body_file or ""), **(env or {})}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=duration + 60, check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -418,6 +419,7 @@ class Bench:
                 self.batch(broker, token, f"{config}.batch", baseline[BATCH_CONNECTIONS])
             elif figure == "consume":
                 self.consume(broker, token, f"{config}.consume", baseline[CONSUMERS])
+                self.consume(broker, token, f"{config}.consume_batch", baseline[CONSUMERS], CONSUME_MAX)
             elif figure == "latency":
                 self.latency(broker, token, f"{config}.latency")
         self.results.rss_peak.setdefault(config, []).append(broker.rss.peak)
@@ -452,12 +454,16 @@ class Bench:
         self.say(f"   {key}: {rate:,.0f} msg/s ({result.ok_per_s:,.0f} req/s of {BATCH_SIZE}), "
                  f"p99 {result.p99_ms:.2f} ms")
 
-    def consume(self, broker: BrokerServer, token: str, key: str, baseline: float) -> None:
+    def consume(self, broker: BrokerServer, token: str, key: str, baseline: float, max_messages: int = 1) -> None:
+        """Consume+ack cycles: one message per GET consume, or up to `max_messages` per POST consume (then as many
+        acks, one request each)."""
+        queue = QUEUES["consume"] if max_messages == 1 else QUEUES["consume_batch"]
         count = max(2_000, PREFILL_RATE * self.options.duration)
-        seconds = clients.run(clients.prefill(broker.url, token, QUEUES["consume"], count))
+        seconds = clients.run(clients.prefill(broker.url, token, queue, count))
         self.say(f"   prefilled {count:,} messages in {seconds:.1f}s")
-        url = f"{broker.url}/queues/{QUEUES['consume']}/messages/consume?wait={CONSUME_WAIT}"
-        result = run_wrk(url, None, token, CONSUMERS, self.options.duration, script=CONSUME_SCRIPT)
+        url = f"{broker.url}/queues/{queue}/messages/consume?wait={CONSUME_WAIT}"
+        result = run_wrk(url, None, token, CONSUMERS, self.options.duration, script=CONSUME_SCRIPT,
+                         env={"BENCH_CONSUME_MAX": str(max_messages)})
         counts = result.counts
         rate = counts.get("acked", 0) / result.seconds if result.seconds else 0.0
         errors = result.errors + counts.get("refused", 0)

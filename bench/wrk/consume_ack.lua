@@ -1,7 +1,10 @@
 -- Consume+ack cycles: each connection consumes one message (GET .../consume?wait=1, the path given to wrk), then
 -- acknowledges it (POST /messages/{id}/ack with its lease id) on its next request, and so on.
+-- With BENCH_CONSUME_MAX=n (n > 1) a connection consumes up to n at once (POST .../consume {"max": n, "wait": 1},
+-- the wait taken from the path's query)
+-- and then acknowledges each, one request per ack, before its next consume.
 -- wrk calls response() for a connection before it asks request() for that connection's next request, so a
--- delivery's ack is queued in response() and sent by the same connection's next request.
+-- delivery's ack is queued in response() and sent by the same connection's next requests.
 -- At the end it prints BENCH_RESULT (report.lua) with the deliveries, acks and empty polls counted here.
 local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 dofile(here .. "auth.lua")
@@ -14,12 +17,20 @@ function setup(thread)
 end
 
 function init(args)
-  consume = wrk.format("GET")
   acks, first, last = {}, 1, 0
   delivered, acked, empty, refused = 0, 0, 0, 0
   ack_headers = {["Content-Type"] = "application/json"}
+  local consume_headers = {["Content-Type"] = "application/json"}
   for name, value in pairs(wrk.headers) do
     ack_headers[name] = value
+    consume_headers[name] = value
+  end
+  local max = tonumber(os.getenv("BENCH_CONSUME_MAX") or "1") or 1
+  if max > 1 then
+    local wait = tonumber(wrk.path:match("[?&]wait=([%d.]+)") or "0")  -- the GET's query, as the POST's body
+    consume = wrk.format("POST", nil, consume_headers, string.format('{"max":%d,"wait":%g}', max, wait))
+  else
+    consume = wrk.format("GET")
   end
 end
 
@@ -38,11 +49,14 @@ function response(status, headers, body)
     refused = refused + 1
     return
   end
-  local id = body:match('"message_id":(%d+)')
-  if id then
+  local found = 0
+  for id, lease in body:gmatch('"message_id":(%d+).-"lease_id":"(%x+)"') do
     last = last + 1
-    acks[last] = {id, body:match('"lease_id":"(%x+)"')}
-    delivered = delivered + 1
+    acks[last] = {id, lease}
+    found = found + 1
+  end
+  if found > 0 then
+    delivered = delivered + found
   elseif body:find('acknowledged', 1, true) then
     acked = acked + 1
   else

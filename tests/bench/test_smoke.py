@@ -78,6 +78,8 @@ def test_tiny_benchmark_writes_every_section(wrk: str, tmp_path: Path) -> None:
                 "| sync full, 2 workers |", "| publish c64 (req/s) |", "| batch (msg/s) |",
                 "`broker journal check` afterwards | exit 0"):
         assert row in report, row
+    # the batched consume loop acked messages too (its deliveries parsed from a list, acked one by one)
+    assert re.search(r"\| `POST`, max \d+ \| [1-9][\d,]* \|", report), report
     assert "python -m bench --quick" in report  # the exact command
     assert "CPUs (`nproc`)" in report and "uvicorn" in report  # the machine and versions
     assert "not run" not in report  # every scenario produced its figures
