@@ -109,7 +109,7 @@ class JournalConnection:
         may not report the loss again: from then on the writer refuses every commit until the broker is restarted.
 
         A reader may see a commit in the moment between its COMMIT and this flush (another process's, or this
-        one's while a slow disk has the flush on the writer's thread): a power cut then can take back what it
+        one's while a slow disk has the flush on the journal's flush thread): a power cut then can take back what it
         read (a message a browse listed, say). Callers and listeners hear of a commit only after the flush."""
         if self.sync_mode != "full" or self._wal_fd is None:
             return 0.0
