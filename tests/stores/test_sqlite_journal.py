@@ -509,7 +509,7 @@ async def test_a_failed_flush_answers_outcome_unknown_and_refuses_every_later_wr
         assert not journal.healthy
 
 
-async def test_after_a_stalled_flush_the_writer_flushes_on_its_thread_until_the_disk_is_fast_again(
+async def test_after_a_stalled_flush_the_writer_flushes_on_a_thread_until_the_disk_is_fast_again(
     journal: SqliteJournalStore, queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A slow disk must not hold the event loop (every other request) for each flush; a fast one is flushed on the
@@ -568,7 +568,7 @@ async def test_a_cancelled_run_keeps_the_writing_connection_until_its_function_r
     assert order == ["run returned", "commit"]
 
 
-async def test_flushes_slow_on_average_move_to_the_writers_thread_too(
+async def test_flushes_slow_on_average_move_to_the_flush_thread_too(
     journal: SqliteJournalStore, queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(journal_writer, "SLOW_AVERAGE_SECONDS", 0.002)
